@@ -1,0 +1,186 @@
+/* tide.h: the public C API of tide.cpp, the whole contract between the native core and Python.
+ *
+ * A tide_model is a mmapped, validated GGUF (weights, hyperparameters, tokenizer metadata).
+ * A tide_context runs it: a backend (CPU, simulated device, CUDA), the KV cache of finished
+ * blocks, the expert residency of every MoE layer, counters. Every function that can fail returns
+ * a tide_status; the message of the last error is kept on the context (tide_context_error) or
+ * written into the caller's buffer for calls that have no context yet. Nothing here aborts.
+ * No global state: everything lives in these two objects.
+ */
+#ifndef TIDE_H
+#define TIDE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define TIDE_API __declspec(dllexport)
+#else
+#define TIDE_API __attribute__((visibility("default")))
+#endif
+
+#define TIDE_ABI_VERSION 1
+
+typedef enum {
+    TIDE_OK = 0,
+    TIDE_ERR_IO = 1,          /* file missing, unreadable, mmap failed */
+    TIDE_ERR_FORMAT = 2,      /* not a valid GGUF, or a value out of bounds */
+    TIDE_ERR_MODEL = 3,       /* valid GGUF but not a usable llada2 model (key, tensor, shape) */
+    TIDE_ERR_ARG = 4,         /* bad argument from the caller */
+    TIDE_ERR_NOMEM = 5,       /* host allocation failed */
+    TIDE_ERR_DEVICE = 6,      /* device missing, device error, device out of memory */
+    TIDE_ERR_UNSUPPORTED = 7, /* built without this feature (e.g. CUDA) */
+    TIDE_ERR_CONTEXT = 8,     /* sequence longer than the context */
+} tide_status;
+
+/* Weight types, numbered as ggml's so GGUF type ids pass through unchanged. */
+typedef enum {
+    TIDE_TYPE_F32 = 0,
+    TIDE_TYPE_F16 = 1,
+    TIDE_TYPE_Q8_0 = 8,
+    TIDE_TYPE_BF16 = 30,
+} tide_type;
+
+typedef enum {
+    TIDE_DEVICE_CPU = 0,  /* no device: everything on the host */
+    TIDE_DEVICE_SIM = 1,  /* simulated device over host memory, same kernels: tests anywhere */
+    TIDE_DEVICE_CUDA = 2, /* an NVIDIA GPU */
+} tide_device;
+
+typedef enum {
+    TIDE_POLICY_GPU = 0,    /* every routed expert resident */
+    TIDE_POLICY_CPU = 1,    /* no routed expert resident */
+    TIDE_POLICY_STATIC = 2, /* fixed set: popularity profile, else the first step's routing */
+    TIDE_POLICY_SWAP = 3,   /* every needed expert brought in before use, LRU out */
+    TIDE_POLICY_TIDE = 4,   /* top-B by hits at step 0 of a block and every refresh_interval steps */
+} tide_policy;
+
+typedef struct tide_model tide_model;
+typedef struct tide_context tide_context;
+
+/* Hyperparameters as read from the GGUF (llada2.* keys). */
+typedef struct {
+    int32_t n_layer, n_embd, n_ff, n_ff_exp;
+    int32_t n_expert, n_expert_used, n_expert_shared, n_expert_groups, n_group_used;
+    int32_t n_dense_lead; /* leading dense blocks; MoE layers are n_dense_lead .. n_layer-1 */
+    int32_t n_head, n_head_kv, head_dim, rope_dim;
+    int32_t n_ctx_train, n_vocab;
+    int32_t qk_norm;          /* 1: per-head RMSNorm on Q and K before RoPE */
+    int32_t expert_weights_norm;
+    float expert_weights_scale, rms_eps, rope_theta;
+    int32_t bos_id, eos_id, pad_id, mask_id;
+    int32_t expert_type;      /* tide_type of the routed experts */
+    uint64_t expert_bytes;    /* bytes of one routed expert (gate + up + down) */
+    uint64_t nonexpert_bytes; /* bytes of every tensor that is not a routed expert */
+} tide_hparams;
+
+typedef struct {
+    int32_t device;           /* tide_device */
+    int32_t n_threads;        /* host threads; <= 0: all cores */
+    int32_t n_ctx;            /* KV cache length in tokens; <= 0: min(n_ctx_train, 4096) */
+    int32_t policy;           /* tide_policy */
+    int32_t budget;           /* resident expert slots per MoE layer (when budgets == NULL) */
+    const int32_t *budgets;   /* optional: one budget per MoE layer, n_budgets entries */
+    int32_t n_budgets;
+    int32_t refresh_interval; /* tide: refresh every this many steps (>= 1) */
+    int32_t trace;            /* 1: keep the hits of the last forward for tide_last_hits */
+    uint64_t device_memory;   /* bytes the engine may use on the device; 0: free memory - reserve */
+    int32_t cuda_device;      /* CUDA device ordinal */
+} tide_context_params;
+
+/* Sampling of one step: temperature 0 with top_k <= 0 and top_p >= 1 is greedy. */
+typedef struct {
+    float temperature;
+    int32_t top_k;   /* <= 0: off */
+    float top_p;     /* >= 1: off */
+    uint64_t seed;   /* draws are a pure function of (seed, position in the block) */
+} tide_sampling;
+
+/* Counters, exact. Totals since the context was made (or tide_stats_reset). */
+typedef struct {
+    uint64_t forwards;          /* every forward: steps + commits + logits calls */
+    uint64_t steps;             /* tide_step calls */
+    uint64_t tokens_forwarded;  /* token rows through the layers */
+    uint64_t h2d_bytes;         /* routed-expert bytes copied host -> device */
+    uint64_t weights_h2d_bytes; /* non-expert weights copied to the device once at start */
+    uint64_t experts_promoted, experts_demoted;
+    uint64_t device_expert_tokens; /* token-expert pairs computed on the device */
+    uint64_t host_expert_tokens;   /* token-expert pairs computed on the host */
+    double t_total, t_attention, t_dense, t_router, t_device_experts, t_host_experts,
+        t_transfer_wait, t_lm_head; /* seconds */
+} tide_stats;
+
+typedef struct {
+    uint64_t h2d_bytes, experts_promoted, experts_demoted;
+    uint64_t device_expert_tokens, host_expert_tokens;
+    int32_t budget, resident; /* slots, experts resident now */
+    double t_device_experts, t_host_experts, t_transfer_wait;
+} tide_layer_stats;
+
+/* ---- model -------------------------------------------------------------------------------- */
+TIDE_API int tide_abi_version(void);
+/* mmap and validate a GGUF; on failure *out = NULL and err holds the cause. */
+TIDE_API tide_status tide_model_load(const char *path, tide_model **out, char *err, size_t err_len);
+TIDE_API void tide_model_free(tide_model *model);
+TIDE_API void tide_model_hparams(const tide_model *model, tide_hparams *out);
+/* A string metadata value (tokenizer.huggingface.json, tokenizer.chat_template, ...), not
+ * NUL-terminated: *out points into the mapping. TIDE_ERR_ARG when absent or not a string. */
+TIDE_API tide_status tide_model_meta_string(const tide_model *model, const char *key,
+                                            const char **out, size_t *len);
+
+/* ---- context ------------------------------------------------------------------------------ */
+TIDE_API tide_context_params tide_context_default_params(void);
+TIDE_API tide_status tide_context_create(const tide_model *model, const tide_context_params *params,
+                                         tide_context **out, char *err, size_t err_len);
+TIDE_API void tide_context_free(tide_context *ctx);
+/* Message of the last failed call on this context ("" if none). */
+TIDE_API const char *tide_context_error(const tide_context *ctx);
+/* 1 if this build has CUDA and a usable GPU is present; 0 otherwise (reason in err). */
+TIDE_API int tide_cuda_available(char *err, size_t err_len);
+
+/* Change policy, budgets and interval of a live context (the planner's `auto` uses it). */
+TIDE_API tide_status tide_set_residency(tide_context *ctx, int32_t policy, int32_t budget,
+                                        const int32_t *budgets, int32_t n_budgets,
+                                        int32_t refresh_interval);
+/* Popularity profile for `static`: counts[n_moe_layers * n_expert]; resident set = top-B. */
+TIDE_API tide_status tide_set_popularity(tide_context *ctx, const float *counts, size_t n);
+
+/* ---- the step interface -------------------------------------------------------------------- */
+/* Forget the KV cache (n_past = 0). Residency and counters stay. */
+TIDE_API void tide_reset(tide_context *ctx);
+TIDE_API int32_t tide_n_past(const tide_context *ctx);
+TIDE_API int32_t tide_n_ctx(const tide_context *ctx);
+/* Forward one finished block (all n tokens see each other and the cache) at positions
+ * n_past .. n_past+n-1 and append its keys/values to the cache. Prefill is one call per block. */
+TIDE_API tide_status tide_commit(tide_context *ctx, const int32_t *tokens, int32_t n);
+/* Forward the active block against the cache without changing it. For each i with want[i] != 0,
+ * out_token[i] / out_prob[i] get the sampled (or top) token and its probability; other entries
+ * are -1 / 0. step_in_block (0-based) drives the residency policy's refresh. */
+TIDE_API tide_status tide_step(tide_context *ctx, const int32_t *tokens, int32_t n,
+                               const uint8_t *want, int32_t step_in_block,
+                               const tide_sampling *sampling, int32_t *out_token, float *out_prob);
+/* Full block-causal forward of tokens[0..n) from position 0 (blocks of block_length aligned at
+ * 0; the last may be partial), all logits into out[n * n_vocab]. Clears the cache. For tests. */
+TIDE_API tide_status tide_logits(tide_context *ctx, const int32_t *tokens, int32_t n,
+                                 int32_t block_length, float *out);
+
+/* ---- counters and trace ------------------------------------------------------------------- */
+TIDE_API void tide_get_stats(const tide_context *ctx, tide_stats *out);
+TIDE_API tide_status tide_get_layer_stats(const tide_context *ctx, int32_t moe_layer,
+                                          tide_layer_stats *out);
+TIDE_API void tide_stats_reset(tide_context *ctx);
+/* Hits of the last forward: out[n_moe_layers * n_expert] token-expert pairs per expert.
+ * Needs params.trace = 1. */
+TIDE_API tide_status tide_last_hits(const tide_context *ctx, int32_t *out, size_t n);
+/* Resident experts of a MoE layer now: out[n_expert] = 1 if resident. */
+TIDE_API tide_status tide_resident(const tide_context *ctx, int32_t moe_layer, uint8_t *out,
+                                   size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* TIDE_H */
