@@ -11,7 +11,8 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 NVCC    ?= $(shell command -v nvcc 2>/dev/null)
 CUDA    ?= $(if $(NVCC),1,0)
-CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))
+# nvcc may be a wrapper script (e.g. /usr/local/bin/nvcc): ask it where its toolkit is.
+CUDA_HOME ?= $(realpath $(firstword $(if $(NVCC),$(shell $(NVCC) --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^\#\$$ TOP=//p')) $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))))
 BUILD   := build
 LIB     := tide_cpp/libtide.so
 
@@ -39,7 +40,8 @@ ifeq ($(CUDA),1)
   LINK_OBJS := $(C_OBJS) $(CU_OBJS)
   # cudart is linked statically: the library loads on machines without the CUDA runtime and
   # reports "no GPU" there instead of failing to load.
-  LDLIBS += -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lstdc++
+  LDLIBS += -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib -L$(CUDA_HOME)/targets/$(shell uname -m)-linux/lib \
+            -lcudart_static -ldl -lrt -lstdc++
 else
   LINK_OBJS := $(C_OBJS)
 endif
@@ -80,7 +82,7 @@ run: setup
 NATIVE_TESTS := $(patsubst native/tests/%.c,$(BUILD)/tests/%,$(wildcard native/tests/test_*.c))
 $(BUILD)/tests/%: native/tests/%.c $(C_SRCS) $(HDRS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(C_SRCS) $(LDLIBS)
+	$(CC) $(TEST_CFLAGS) -o $@ $< $(C_SRCS) $(TEST_LDLIBS)
 
 test-native: $(NATIVE_TESTS)
 	@for t in $(NATIVE_TESTS); do echo "== $$t"; $$t || exit 1; done

@@ -1,0 +1,157 @@
+"""Converter throughput and peak memory on a synthetic checkpoint with LLaDA2.0-mini's real shapes.
+
+    .venv/bin/python bench/bench_convert.py [--layers 3] [--outtypes bf16,q8_0] [--workdir DIR]
+
+Writes (streaming, ~64 MiB at a time) a checkpoint of mini's layer shapes (hidden 2048, 256
+experts of 512, dense 5120, vocab 157184, 16/4 heads of 128) with fewer layers (default 3:
+1 dense + 2 MoE, about 4.6 GB of bf16) into a temporary folder, converts it in a child process
+per outtype, and prints MB/s and the child's peak RSS (ru_maxrss). Everything is deleted after.
+The shards were just written, so they are read from the page cache: the figure is the
+converter's own speed (CPU and writing), not the disk's read speed.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)
+
+import hf_checkpoint as hfc  # noqa: E402
+
+MINI = dict(hidden_size=2048, head_dim=128, num_attention_heads=16, num_key_value_heads=4,
+            intermediate_size=5120, moe_intermediate_size=512, num_experts=256,
+            num_experts_per_tok=8, n_group=8, topk_group=4, num_shared_experts=1,
+            first_k_dense_replace=1, vocab_size=157184, max_position_embeddings=32768)
+SHARD_BYTES = 1 << 30
+POOL_BYTES = 64 << 20
+
+
+def write_checkpoint_streaming(dir, cfg):
+    """Sharded safetensors of cfg's shapes, random bf16 data written in slices from a 64 MiB
+    pool of random values (memory stays ~100 MB whatever the size). Returns total bytes."""
+    rng = np.random.default_rng(0)
+    pool = (rng.standard_normal(POOL_BYTES // 2, dtype=np.float32) * 0.02)
+    pool = (pool.view(np.uint32) >> 16).astype(np.uint16)  # truncated to bf16 bits
+    norm_pool = (np.float32(1.0) + 0.1 * rng.standard_normal(8192, dtype=np.float32))
+    norm_pool = (norm_pool.view(np.uint32) >> 16).astype(np.uint16)
+
+    tensors = hfc.tensor_shapes(cfg)
+    shards, cur, size = [], [], 0
+    for name, shape, dt in tensors:
+        nbytes = int(np.prod(shape)) * (4 if dt == "f32" else 2)
+        if cur and size + nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, shape, dt, nbytes))
+        size += nbytes
+    shards.append(cur)
+    weight_map, total, pos = {}, 0, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dt, nbytes in shard:
+            header[name] = {"dtype": "F32" if dt == "f32" else "BF16", "shape": list(shape),
+                            "data_offsets": [off, off + nbytes]}
+            off += nbytes
+        hjson = json.dumps(header).encode()
+        hjson += b" " * (-len(hjson) % 8)
+        with open(os.path.join(dir, fname), "wb") as f:
+            f.write(struct.pack("<Q", len(hjson)))
+            f.write(hjson)
+            for name, shape, dt, nbytes in shard:
+                weight_map[name] = fname
+                if dt == "f32":
+                    f.write((0.01 * rng.standard_normal(shape, dtype=np.float32)).tobytes())
+                    continue
+                if len(shape) == 1:
+                    f.write(norm_pool[:shape[0]].tobytes())
+                    continue
+                left = nbytes // 2
+                while left:
+                    n = min(left, pool.size - pos)
+                    f.write(pool[pos:pos + n].tobytes())
+                    pos = (pos + n) % pool.size
+                    left -= n
+        total += off
+    with open(os.path.join(dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    with open(os.path.join(dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    tj, tc = hfc.make_tokenizer(cfg["vocab_size"])
+    with open(os.path.join(dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(tj)
+    with open(os.path.join(dir, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f, indent=2)
+    return total
+
+
+_CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from convert import convert
+t0 = time.time()
+r = convert(sys.argv[2], sys.argv[3], sys.argv[4], progress=sys.argv[5] == "1",
+            threads=int(sys.argv[6]) or None)
+r["seconds"] = time.time() - t0
+r["ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+r["hwm_kb"] = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
+print("RESULT " + json.dumps(r))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=3, help="layers (first one dense; default 3)")
+    ap.add_argument("--outtypes", default="bf16,q8_0")
+    ap.add_argument("--workdir", default=None, help="where to put the temporary files")
+    ap.add_argument("--progress", action="store_true", help="show the converter's progress bar")
+    ap.add_argument("--threads", type=int, default=0, help="converter threads (0: its default)")
+    args = ap.parse_args()
+
+    cfg = hfc.make_config(**MINI, num_hidden_layers=args.layers)
+    work = tempfile.mkdtemp(prefix="tide-bench-convert-", dir=args.workdir)
+    try:
+        src = os.path.join(work, "ckpt")
+        os.makedirs(src)
+        t0 = time.time()
+        # Generate in a child too, so this process stays small: Linux carries a parent's RSS at
+        # fork into the child's ru_maxrss, and the converter's child should count only itself.
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            total = pool.apply(write_checkpoint_streaming, (src, cfg))
+        print(f"checkpoint: {args.layers} layers of LLaDA2.0-mini's shapes, {total / 1e9:.2f} GB "
+              f"bf16, written in {time.time() - t0:.1f} s", flush=True)
+        for outtype in args.outtypes.split(","):
+            out = os.path.join(work, f"out-{outtype}.gguf")
+            p = subprocess.run([sys.executable, "-c", _CHILD, ROOT, src, out, outtype,
+                                "1" if args.progress else "0", str(args.threads)],
+                               stdout=subprocess.PIPE, text=True)
+            if p.returncode:
+                print(f"{outtype}: conversion failed (exit {p.returncode})")
+                return 1
+            r = json.loads(p.stdout.split("RESULT ", 1)[1])
+            size = os.path.getsize(out)
+            print(f"{outtype:5s}: {r['n_tensors']} tensors, read {total / 1e6:.0f} MB, wrote "
+                  f"{size / 1e6:.0f} MB in {r['seconds']:.1f} s: {total / 1e6 / r['seconds']:.0f} "
+                  f"MB/s read, {size / 1e6 / r['seconds']:.0f} MB/s written; peak RSS "
+                  f"{r['ru_maxrss_kb'] / 1024:.0f} MiB (ru_maxrss; VmHWM "
+                  f"{r['hwm_kb'] / 1024:.0f} MiB)", flush=True)
+            os.remove(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
