@@ -35,6 +35,9 @@ CUDA_ARCHS ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=
 NVCCFLAGS ?= -O3 -std=c++17 -Xcompiler -fPIC,-fvisibility=hidden -Inative/include -Inative/src \
              --expt-relaxed-constexpr $(CUDA_ARCHS)
 
+# The native tests link the C sources alone (no CUDA objects), so they keep the base flags.
+TEST_CFLAGS := $(CFLAGS)
+TEST_LDLIBS := $(LDLIBS)
 ifeq ($(CUDA),1)
   CFLAGS += -DTIDE_CUDA=1
   LINK_OBJS := $(C_OBJS) $(CU_OBJS)
@@ -51,8 +54,10 @@ endif
 all: lib
 lib: $(LIB)
 
+# Linked beside and renamed, so a process that has the library loaded never sees it half-written.
 $(LIB): $(LINK_OBJS)
-	$(CC) -shared -o $@ $^ $(LDLIBS)
+	$(CC) -shared -o $@.tmp $^ $(LDLIBS)
+	mv -f $@.tmp $@
 
 $(BUILD)/%.o: native/src/%.c $(HDRS)
 	@mkdir -p $(dir $@)

@@ -1,0 +1,416 @@
+/* model.c: GGUF -> a validated tide_model. Every llada2.* key is required and range-checked, and
+ * every tensor's presence, type and shape is checked against the hyperparameters before anything
+ * computes with it, so the forward pass can trust what it reads. */
+#include "model.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static tide_status fail(char *err, size_t err_len, tide_status st, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static tide_status fail(char *err, size_t err_len, tide_status st, const char *fmt, ...) {
+    if (err && err_len) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, err_len, fmt, ap);
+        va_end(ap);
+    }
+    return st;
+}
+
+int tide_abi_version(void) { return TIDE_ABI_VERSION; }
+
+/* ---- hyperparameters ------------------------------------------------------------------------ */
+
+static tide_status get_i32(gguf_file *g, const char *key, int32_t *out, int32_t lo, int32_t hi,
+                           char *err, size_t err_len) {
+    uint32_t v;
+    tide_status st = gguf_get_u32(g, key, &v, err, err_len);
+    if (st != TIDE_OK) return st;
+    if ((int64_t)v < lo || (int64_t)v > hi)
+        return fail(err, err_len, TIDE_ERR_MODEL, "key '%s' = %u, expected %d..%d", key, v, lo, hi);
+    *out = (int32_t)v;
+    return TIDE_OK;
+}
+
+static tide_status get_tok_id(gguf_file *g, const char *key, int32_t n_vocab, int required,
+                              int32_t *out, char *err, size_t err_len) {
+    *out = -1;
+    if (!required && gguf_find_key(g, key) < 0) return TIDE_OK;
+    return get_i32(g, key, out, 0, n_vocab - 1, err, err_len);
+}
+
+static tide_status read_hparams(gguf_file *g, tide_hparams *hp, char *err, size_t err_len) {
+    const char *arch;
+    size_t arch_len;
+    tide_status st = gguf_get_str(g, "general.architecture", &arch, &arch_len, err, err_len);
+    if (st != TIDE_OK) return st;
+    if (arch_len != 6 || memcmp(arch, "llada2", 6) != 0)
+        return fail(err, err_len, TIDE_ERR_MODEL,
+                    "general.architecture is '%.*s', expected 'llada2'", (int)(arch_len > 64 ? 64 : arch_len), arch);
+    memset(hp, 0, sizeof *hp);
+    const int32_t BIG = 1 << 24;
+#define U(key, field, lo, hi)                                                       \
+    do {                                                                            \
+        st = get_i32(g, "llada2." key, &hp->field, lo, hi, err, err_len);           \
+        if (st != TIDE_OK) return st;                                               \
+    } while (0)
+    U("block_count", n_layer, 1, 4096);
+    U("context_length", n_ctx_train, 1, BIG);
+    U("embedding_length", n_embd, 1, BIG);
+    U("feed_forward_length", n_ff, 0, BIG);
+    U("expert_feed_forward_length", n_ff_exp, 1, BIG);
+    U("expert_count", n_expert, 1, 65536);
+    U("expert_used_count", n_expert_used, 1, hp->n_expert);
+    U("expert_shared_count", n_expert_shared, 0, 64);
+    U("expert_group_count", n_expert_groups, 1, hp->n_expert);
+    U("expert_group_used_count", n_group_used, 1, hp->n_expert_groups);
+    U("leading_dense_block_count", n_dense_lead, 0, hp->n_layer);
+    U("attention.head_count", n_head, 1, 65536);
+    U("attention.head_count_kv", n_head_kv, 1, hp->n_head);
+    U("attention.key_length", head_dim, 2, 65536);
+    int32_t v_len;
+    st = get_i32(g, "llada2.attention.value_length", &v_len, 1, 65536, err, err_len);
+    if (st != TIDE_OK) return st;
+    U("rope.dimension_count", rope_dim, 0, hp->head_dim);
+    U("vocab_size", n_vocab, 1, BIG);
+    int32_t gating;
+    st = get_i32(g, "llada2.expert_gating_func", &gating, 0, 1000, err, err_len);
+    if (st != TIDE_OK) return st;
+#undef U
+#define B(key, field)                                                               \
+    do {                                                                            \
+        st = gguf_get_bool(g, "llada2." key, &hp->field, err, err_len);             \
+        if (st != TIDE_OK) return st;                                               \
+    } while (0)
+    B("expert_weights_norm", expert_weights_norm);
+    B("attention.qk_norm", qk_norm);
+#undef B
+#define F(key, field)                                                               \
+    do {                                                                            \
+        st = gguf_get_f32(g, "llada2." key, &hp->field, err, err_len);              \
+        if (st != TIDE_OK) return st;                                               \
+    } while (0)
+    F("expert_weights_scale", expert_weights_scale);
+    F("attention.layer_norm_rms_epsilon", rms_eps);
+    F("rope.freq_base", rope_theta);
+#undef F
+    /* relations between values */
+    if (gating != 2)
+        return fail(err, err_len, TIDE_ERR_MODEL,
+                    "key 'llada2.expert_gating_func' = %d: only 2 (sigmoid) is supported", gating);
+    if (v_len != hp->head_dim)
+        return fail(err, err_len, TIDE_ERR_MODEL,
+                    "key 'llada2.attention.value_length' = %d differs from key_length %d", v_len,
+                    hp->head_dim);
+    if (hp->n_head % hp->n_head_kv)
+        return fail(err, err_len, TIDE_ERR_MODEL,
+                    "key 'llada2.attention.head_count' = %d is not a multiple of head_count_kv %d",
+                    hp->n_head, hp->n_head_kv);
+    if (hp->rope_dim % 2)
+        return fail(err, err_len, TIDE_ERR_MODEL, "key 'llada2.rope.dimension_count' = %d is odd",
+                    hp->rope_dim);
+    if (hp->n_expert % hp->n_expert_groups)
+        return fail(err, err_len, TIDE_ERR_MODEL,
+                    "key 'llada2.expert_count' = %d is not a multiple of expert_group_count %d",
+                    hp->n_expert, hp->n_expert_groups);
+    if (hp->n_expert_used > hp->n_group_used * (hp->n_expert / hp->n_expert_groups))
+        return fail(err, err_len, TIDE_ERR_MODEL,
+                    "key 'llada2.expert_used_count' = %d exceeds the experts of %d groups of %d",
+                    hp->n_expert_used, hp->n_group_used, hp->n_expert / hp->n_expert_groups);
+    if (hp->n_dense_lead > 0 && hp->n_ff < 1)
+        return fail(err, err_len, TIDE_ERR_MODEL,
+                    "key 'llada2.feed_forward_length' = %d but there are %d dense layers", hp->n_ff,
+                    hp->n_dense_lead);
+    if (!(hp->rms_eps > 0.0f) || !(hp->rms_eps < 1.0f))
+        return fail(err, err_len, TIDE_ERR_MODEL,
+                    "key 'llada2.attention.layer_norm_rms_epsilon' = %g out of (0, 1)", (double)hp->rms_eps);
+    if (!(hp->rope_theta > 0.0f) || hp->rope_theta != hp->rope_theta)
+        return fail(err, err_len, TIDE_ERR_MODEL, "key 'llada2.rope.freq_base' = %g, expected > 0",
+                    (double)hp->rope_theta);
+    if (hp->expert_weights_scale != hp->expert_weights_scale)
+        return fail(err, err_len, TIDE_ERR_MODEL, "key 'llada2.expert_weights_scale' is NaN");
+    /* tokenizer ids: EOS and mask drive generation; BOS and PAD are informative */
+    st = get_tok_id(g, "tokenizer.ggml.eos_token_id", hp->n_vocab, 1, &hp->eos_id, err, err_len);
+    if (st != TIDE_OK) return st;
+    st = get_tok_id(g, "tokenizer.ggml.mask_token_id", hp->n_vocab, 1, &hp->mask_id, err, err_len);
+    if (st != TIDE_OK) return st;
+    st = get_tok_id(g, "tokenizer.ggml.bos_token_id", hp->n_vocab, 0, &hp->bos_id, err, err_len);
+    if (st != TIDE_OK) return st;
+    st = get_tok_id(g, "tokenizer.ggml.padding_token_id", hp->n_vocab, 0, &hp->pad_id, err, err_len);
+    if (st != TIDE_OK) return st;
+    return TIDE_OK;
+}
+
+/* ---- tensors -------------------------------------------------------------------------------- */
+
+static const char *type_name(int32_t t) { return gguf_type_name(t); }
+
+/* Look a tensor up and check it: 1-D f32 of ne0 (ne1 < 0), or a matrix [ne0, ne1] of a
+ * computable type (only f32 when f32_only). */
+static tide_status tensor(gguf_file *g, const char *name, int64_t ne0, int64_t ne1, int f32_only,
+                          const gguf_tensor_info **out, char *err, size_t err_len) {
+    const gguf_tensor_info *t = gguf_find_tensor(g, name);
+    if (!t) return fail(err, err_len, TIDE_ERR_MODEL, "tensor '%s' is missing", name);
+    int want_dims = ne1 < 0 ? 1 : 2;
+    int ok_shape = t->ne[2] == 1 && t->ne[3] == 1 && t->ne[0] == ne0 &&
+                   (want_dims == 1 ? t->ne[1] == 1 : t->ne[1] == ne1);
+    if (!ok_shape || t->n_dims > want_dims) {
+        char got[96], exp[64];
+        int n = 0;
+        for (int d = 0; d < t->n_dims; d++)
+            n += snprintf(got + n, sizeof got - (size_t)n, "%s%lld", d ? ", " : "", (long long)t->ne[d]);
+        if (want_dims == 1) snprintf(exp, sizeof exp, "%lld", (long long)ne0);
+        else snprintf(exp, sizeof exp, "%lld, %lld", (long long)ne0, (long long)ne1);
+        return fail(err, err_len, TIDE_ERR_MODEL, "tensor '%s': shape [%s], expected [%s]", name,
+                    got, exp);
+    }
+    int is_vec = want_dims == 1;
+    if ((is_vec || f32_only) && t->type != TIDE_TYPE_F32)
+        return fail(err, err_len, TIDE_ERR_MODEL, "tensor '%s': type %s (%d), expected f32", name,
+                    type_name(t->type), t->type);
+    if (!is_vec) {
+        if (t->type != TIDE_TYPE_F32 && t->type != TIDE_TYPE_F16 && t->type != TIDE_TYPE_BF16 &&
+            t->type != TIDE_TYPE_Q8_0)
+            return fail(err, err_len, TIDE_ERR_MODEL,
+                        "tensor '%s': type %s (%d) is not supported (f32, f16, bf16, q8_0)", name,
+                        type_name(t->type), t->type);
+        size_t rb = tide_row_bytes(t->type, ne0);
+        if (rb == 0 || (uint64_t)rb * (uint64_t)ne1 != t->nbytes)
+            return fail(err, err_len, TIDE_ERR_MODEL,
+                        "tensor '%s': %llu bytes do not make [%lld, %lld] of %s", name,
+                        (unsigned long long)t->nbytes, (long long)ne0, (long long)ne1,
+                        type_name(t->type));
+    } else if (t->nbytes != (uint64_t)ne0 * 4) {
+        return fail(err, err_len, TIDE_ERR_MODEL, "tensor '%s': %llu bytes, expected %lld", name,
+                    (unsigned long long)t->nbytes, (long long)ne0 * 4);
+    }
+    if (((uintptr_t)t->data & 3) != 0)
+        return fail(err, err_len, TIDE_ERR_MODEL, "tensor '%s': data not 4-byte aligned", name);
+    *out = t;
+    return TIDE_OK;
+}
+
+static tide_matrix as_matrix(const gguf_tensor_info *t) {
+    tide_matrix m = {t->type, t->ne[1], t->ne[0], (size_t)t->nbytes, (void *)t->data};
+    return m;
+}
+
+/* Rows [r0, r0 + n) of m: a contiguous byte range. */
+static tide_matrix row_range(tide_matrix m, int64_t r0, int64_t n) {
+    size_t rb = tide_row_bytes(m.type, m.cols);
+    tide_matrix s = {m.type, n, m.cols, rb * (size_t)n, (char *)m.data + rb * (size_t)r0};
+    return s;
+}
+
+static void model_free(tide_model *m) {
+    if (!m) return;
+    if (m->w.layers) {
+        for (int32_t il = 0; il < m->hp.n_layer; il++) {
+            free(m->w.layers[il].exp_gate);
+            free(m->w.layers[il].exp_up);
+            free(m->w.layers[il].exp_down);
+        }
+    }
+    free(m->w.layers);
+    free(m->expert_range);
+    free(m->expert_range_bytes);
+    gguf_close(m->gguf);
+    free(m);
+}
+
+#define T(...) snprintf(name, sizeof name, __VA_ARGS__)
+#define CHECK(call)                                                                           \
+    do {                                                                                      \
+        st = (call);                                                                          \
+        if (st != TIDE_OK) goto fail;                                                         \
+    } while (0)
+
+tide_status tide_model_open(const char *path, tide_model **out, char *err, size_t err_len) {
+    *out = NULL;
+    if (!path) return fail(err, err_len, TIDE_ERR_ARG, "path is NULL");
+    tide_model *m = calloc(1, sizeof *m);
+    if (!m) return fail(err, err_len, TIDE_ERR_NOMEM, "out of memory");
+    tide_status st = gguf_open(path, &m->gguf, err, err_len);
+    if (st != TIDE_OK) {
+        free(m);
+        return st;
+    }
+    gguf_file *g = m->gguf;
+    tide_hparams *hp = &m->hp;
+    CHECK(read_hparams(g, hp, err, err_len));
+    m->n_moe = hp->n_layer - hp->n_dense_lead;
+    m->w.layers = calloc((size_t)hp->n_layer, sizeof *m->w.layers);
+    m->expert_range = calloc((size_t)(m->n_moe > 0 ? m->n_moe : 1), sizeof *m->expert_range);
+    m->expert_range_bytes = calloc((size_t)(m->n_moe > 0 ? m->n_moe : 1), sizeof(size_t));
+    if (!m->w.layers || !m->expert_range || !m->expert_range_bytes) {
+        st = fail(err, err_len, TIDE_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+    const int64_t H = hp->n_embd, hd = hp->head_dim, V = hp->n_vocab;
+    const int64_t nq = hp->n_head * hd, nkv = (int64_t)hp->n_head_kv * hd;
+    const int64_t E = hp->n_expert, fe = hp->n_ff_exp, fs = fe * hp->n_expert_shared;
+    char name[128];
+    const gguf_tensor_info *t;
+    uint64_t nonexpert = 0;
+    /* the tokenizer's vocabulary must match the model's */
+    if (gguf_find_key(g, "tokenizer.ggml.tokens") >= 0) {
+        int32_t et;
+        uint64_t n;
+        CHECK(gguf_get_arr_info(g, "tokenizer.ggml.tokens", &et, &n, err, err_len));
+        if (n != (uint64_t)V) {
+            st = fail(err, err_len, TIDE_ERR_MODEL,
+                      "tokenizer.ggml.tokens has %llu entries, expected vocab_size %lld",
+                      (unsigned long long)n, (long long)V);
+            goto fail;
+        }
+    }
+
+    CHECK(tensor(g, "token_embd.weight", H, V, 0, &t, err, err_len));
+    m->w.token_embd = as_matrix(t);
+    nonexpert += t->nbytes;
+    CHECK(tensor(g, "output_norm.weight", H, -1, 1, &t, err, err_len));
+    m->w.output_norm = t->data;
+    nonexpert += t->nbytes;
+    CHECK(tensor(g, "output.weight", H, V, 0, &t, err, err_len));
+    m->w.output = as_matrix(t);
+    nonexpert += t->nbytes;
+
+    int32_t expert_type = -1;
+    uint64_t expert_bytes = 0;
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        tide_layer_weights *L = &m->w.layers[il];
+        T("blk.%d.attn_norm.weight", il);
+        CHECK(tensor(g, name, H, -1, 1, &t, err, err_len));
+        L->attn_norm = t->data;
+        nonexpert += t->nbytes;
+        T("blk.%d.attn_qkv.weight", il);
+        CHECK(tensor(g, name, H, nq + 2 * nkv, 0, &t, err, err_len));
+        nonexpert += t->nbytes;
+        tide_matrix qkv = as_matrix(t);
+        L->wq = row_range(qkv, 0, nq);
+        L->wk = row_range(qkv, nq, nkv);
+        L->wv = row_range(qkv, nq + nkv, nkv);
+        if (hp->qk_norm) {
+            T("blk.%d.attn_q_norm.weight", il);
+            CHECK(tensor(g, name, hd, -1, 1, &t, err, err_len));
+            L->q_norm = t->data;
+            nonexpert += t->nbytes;
+            T("blk.%d.attn_k_norm.weight", il);
+            CHECK(tensor(g, name, hd, -1, 1, &t, err, err_len));
+            L->k_norm = t->data;
+            nonexpert += t->nbytes;
+        }
+        T("blk.%d.attn_output.weight", il);
+        CHECK(tensor(g, name, nq, H, 0, &t, err, err_len));
+        L->wo = as_matrix(t);
+        nonexpert += t->nbytes;
+        T("blk.%d.ffn_norm.weight", il);
+        CHECK(tensor(g, name, H, -1, 1, &t, err, err_len));
+        L->ffn_norm = t->data;
+        nonexpert += t->nbytes;
+        if (il < hp->n_dense_lead) {
+            T("blk.%d.ffn_gate.weight", il);
+            CHECK(tensor(g, name, H, hp->n_ff, 0, &t, err, err_len));
+            L->ffn_gate = as_matrix(t);
+            nonexpert += t->nbytes;
+            T("blk.%d.ffn_up.weight", il);
+            CHECK(tensor(g, name, H, hp->n_ff, 0, &t, err, err_len));
+            L->ffn_up = as_matrix(t);
+            nonexpert += t->nbytes;
+            T("blk.%d.ffn_down.weight", il);
+            CHECK(tensor(g, name, hp->n_ff, H, 0, &t, err, err_len));
+            L->ffn_down = as_matrix(t);
+            nonexpert += t->nbytes;
+            continue;
+        }
+        T("blk.%d.ffn_gate_inp.weight", il);
+        CHECK(tensor(g, name, H, E, 1, &t, err, err_len));
+        L->router = as_matrix(t);
+        nonexpert += t->nbytes;
+        T("blk.%d.exp_probs_b.bias", il);
+        CHECK(tensor(g, name, E, -1, 1, &t, err, err_len));
+        L->router_bias = t->data;
+        nonexpert += t->nbytes;
+        if (fs > 0) {
+            T("blk.%d.ffn_gate_shexp.weight", il);
+            CHECK(tensor(g, name, H, fs, 0, &t, err, err_len));
+            L->shexp_gate = as_matrix(t);
+            nonexpert += t->nbytes;
+            T("blk.%d.ffn_up_shexp.weight", il);
+            CHECK(tensor(g, name, H, fs, 0, &t, err, err_len));
+            L->shexp_up = as_matrix(t);
+            nonexpert += t->nbytes;
+            T("blk.%d.ffn_down_shexp.weight", il);
+            CHECK(tensor(g, name, fs, H, 0, &t, err, err_len));
+            L->shexp_down = as_matrix(t);
+            nonexpert += t->nbytes;
+        }
+        L->exp_gate = calloc((size_t)E, sizeof(tide_matrix));
+        L->exp_up = calloc((size_t)E, sizeof(tide_matrix));
+        L->exp_down = calloc((size_t)E, sizeof(tide_matrix));
+        if (!L->exp_gate || !L->exp_up || !L->exp_down) {
+            st = fail(err, err_len, TIDE_ERR_NOMEM, "out of memory");
+            goto fail;
+        }
+        const char *lo = NULL, *hi = NULL;
+        for (int64_t e = 0; e < E; e++) {
+            const gguf_tensor_info *tg, *tu, *td;
+            T("blk.%d.ffn_gate.%lld.weight", il, (long long)e);
+            CHECK(tensor(g, name, H, fe, 0, &tg, err, err_len));
+            T("blk.%d.ffn_up.%lld.weight", il, (long long)e);
+            CHECK(tensor(g, name, H, fe, 0, &tu, err, err_len));
+            T("blk.%d.ffn_down.%lld.weight", il, (long long)e);
+            CHECK(tensor(g, name, fe, H, 0, &td, err, err_len));
+            if (expert_type < 0) expert_type = tg->type;
+            const gguf_tensor_info *ts[3] = {tg, tu, td};
+            for (int k = 0; k < 3; k++) {
+                if (ts[k]->type != expert_type) {
+                    st = fail(err, err_len, TIDE_ERR_MODEL,
+                              "tensor '%s': type %s, but the routed experts are %s", ts[k]->name,
+                              type_name(ts[k]->type), type_name(expert_type));
+                    goto fail;
+                }
+                const char *a = ts[k]->data, *b = a + ts[k]->nbytes;
+                if (!lo || a < lo) lo = a;
+                if (!hi || b > hi) hi = b;
+            }
+            L->exp_gate[e] = as_matrix(tg);
+            L->exp_up[e] = as_matrix(tu);
+            L->exp_down[e] = as_matrix(td);
+            if (expert_bytes == 0) expert_bytes = tg->nbytes + tu->nbytes + td->nbytes;
+        }
+        m->expert_range[il - hp->n_dense_lead] = lo;
+        m->expert_range_bytes[il - hp->n_dense_lead] = (size_t)(hi - lo);
+    }
+    hp->expert_type = expert_type < 0 ? TIDE_TYPE_F32 : expert_type;
+    hp->expert_bytes = expert_bytes;
+    hp->nonexpert_bytes = nonexpert;
+    *out = m;
+    return TIDE_OK;
+fail:
+    model_free(m);
+    return st;
+}
+
+tide_status tide_model_load(const char *path, tide_model **out, char *err, size_t err_len) {
+    if (err && err_len) err[0] = 0;
+    if (!out) return fail(err, err_len, TIDE_ERR_ARG, "out is NULL");
+    return tide_model_open(path, out, err, err_len);
+}
+
+void tide_model_free(tide_model *model) { model_free(model); }
+
+void tide_model_hparams(const tide_model *model, tide_hparams *out) {
+    if (model && out) *out = model->hp;
+}
+
+tide_status tide_model_meta_string(const tide_model *model, const char *key, const char **out,
+                                   size_t *len) {
+    if (!model || !key || !out || !len) return TIDE_ERR_ARG;
+    if (gguf_find_key(model->gguf, key) < 0) return TIDE_ERR_ARG;
+    if (gguf_get_str(model->gguf, key, out, len, NULL, 0) != TIDE_OK) return TIDE_ERR_ARG;
+    return TIDE_OK;
+}

@@ -1,0 +1,162 @@
+/* model.h: where every value of a running LLaDA2.0 model lives, at a glance (calm's model.h).
+ *
+ *   tide_model    the mmapped GGUF, its hyperparameters, and views of every tensor (host memory)
+ *   tide_weights  the same tensors as the backend computes with them ("device" copies; on the cpu
+ *                 backend the views themselves); routed experts stay in the host mapping
+ *   tide_run      the activations of one forward, on the device, sized for up to `cap` tokens
+ *   tide_moe_state the per-MoE-layer residency: slots on the device, the resident set, counters
+ *   tide_context  all of the above for one backend, plus the KV cache, stats and the trace
+ */
+#ifndef TIDE_MODEL_H
+#define TIDE_MODEL_H
+
+#include "backend.h"
+#include "gguf.h"
+#include "residency.h"
+#include "threadpool.h"
+#include "tide.h"
+
+#include <stdint.h>
+
+/* ---- weights: one pointer per tensor, per layer arrays ------------------------------------- */
+typedef struct {
+    /* attention */
+    const float *attn_norm;     /* [H] input_layernorm */
+    tide_matrix wq, wk, wv;     /* row ranges of attn_qkv: [nQ*hd, H], [nKV*hd, H], [nKV*hd, H] */
+    const float *q_norm;        /* [hd] (NULL when !qk_norm) */
+    const float *k_norm;        /* [hd] */
+    tide_matrix wo;             /* attn_output [H, nQ*hd] */
+    const float *ffn_norm;      /* [H] post_attention_layernorm */
+    /* dense MLP (layers < n_dense_lead) */
+    tide_matrix ffn_gate, ffn_up, ffn_down; /* [n_ff, H], [n_ff, H], [H, n_ff] */
+    /* MoE (layers >= n_dense_lead) */
+    tide_matrix router;         /* ffn_gate_inp [E, H], f32 */
+    const float *router_bias;   /* exp_probs_b [E] */
+    tide_matrix shexp_gate, shexp_up, shexp_down; /* shared experts; rows 0 when none */
+    /* routed experts, always host views into the mapping: [n_expert] each */
+    tide_matrix *exp_gate, *exp_up, *exp_down;
+} tide_layer_weights;
+
+typedef struct {
+    tide_matrix token_embd;     /* [vocab, H] (host: the lookup runs on the host) */
+    const float *output_norm;   /* [H] */
+    tide_matrix output;         /* lm_head [vocab, H] */
+    tide_layer_weights *layers; /* [n_layer] */
+} tide_weights;
+
+struct tide_model {
+    gguf_file *gguf;
+    tide_hparams hp;
+    tide_weights w;             /* views into the mapping */
+    int32_t n_moe;              /* MoE layers: n_layer - n_dense_lead */
+    /* per MoE layer: the host range that holds all its experts (pinned once per context) */
+    const void **expert_range;  /* [n_moe] */
+    size_t *expert_range_bytes; /* [n_moe] */
+};
+
+/* Parse and validate; on failure err names the cause. */
+tide_status tide_model_open(const char *path, tide_model **out, char *err, size_t err_len);
+
+/* ---- run state: every activation buffer, named for what it holds (device memory) ----------- */
+typedef struct {
+    int32_t cap;                /* rows every buffer below holds */
+    float *x;                   /* [cap, H] the residual stream */
+    float *xb;                  /* [cap, H] normed input of the current sublayer */
+    float *xb2;                 /* [cap, H] output of the current sublayer */
+    float *q;                   /* [cap, nQ*hd] */
+    float *att;                 /* [cap, nQ*hd] attention output before wo */
+    float *hb, *hb2;            /* [cap, max(n_ff, shared rows)] MLP hidden */
+    float *router_logits;       /* [cap, E] */
+    float *pairs;               /* [cap * n_used, H] routed expert outputs (device pair buffer); */
+    float *pairs_up;            /* [cap * n_used, H] right after it: host outputs, packed, uploaded */
+    float *pairs_cat;           /* [cap * n_used, H] both merged in pair order (gather_rows) */
+    float *logits;              /* [logits_cap, vocab] */
+    int32_t logits_cap;
+    /* host side */
+    float *h_x;                 /* [cap, H] host copy of the MoE input (host experts read it) */
+    float *h_pairs;             /* [cap * n_used, H] host pair buffer (packed unless on_host) */
+    int32_t *h_gather;          /* [cap * n_used] source row of each pair for pairs_cat */
+    float *h_router;            /* [cap, E] router logits, downloaded */
+    int32_t *h_ids;             /* [cap * n_used] chosen experts, k order */
+    float *h_w;                 /* [cap * n_used] their weights */
+    int32_t *h_rows;            /* [cap] scratch row list (wanted rows) */
+    float *h_logits;            /* [logits_cap, vocab] host logits for sampling */
+    int32_t h_logits_cap;
+} tide_run;
+
+/* ---- per MoE layer: residency and its counters --------------------------------------------- */
+typedef struct {
+    int32_t budget;             /* slots */
+    void *slot_mem;             /* device memory of `budget` slots, slot_bytes each */
+    size_t slot_bytes;          /* gate + up + down of one expert, each row_bytes aligned */
+    tide_matrix *slot_gate, *slot_up, *slot_down; /* [budget] views into slot_mem */
+    int32_t *hits;              /* [n_expert] H of the current forward */
+    int32_t *last_hits;         /* [n_expert] H of the last forward (trace) */
+    tide_layer_stats st;        /* timers here; counters come from the residency module */
+} tide_moe_layer;
+
+/* The work lists moe.c builds per layer (host memory, sized once). */
+typedef struct {
+    int32_t *pair_start_d, *pair_token_d, *pair_dest_d; /* device jobs */
+    int32_t *pair_start_h, *pair_token_h, *pair_dest_h; /* host jobs */
+    tide_matrix *gate_d, *up_d, *down_d, *gate_h, *up_h, *down_h; /* [n_expert] */
+    int32_t *count;             /* [n_expert] pairs per expert */
+    int32_t *cursor;            /* [n_expert] */
+    int32_t *job_of;            /* [n_expert] device job index of an expert, -1: host */
+    int32_t cap_pairs;
+} tide_moe_work;
+
+struct tide_context {
+    const tide_model *model;
+    tide_context_params params;
+    tide_backend *be;
+    tide_pool *pool;
+    int on_host;                /* backend memory is host memory read directly (cpu backend) */
+    tide_weights w;             /* weights where the backend reads them */
+    void **owned;               /* device copies to free */
+    int32_t n_owned;
+    /* KV cache, per layer [n_ctx, nKV*hd] f32 on the device */
+    int32_t n_ctx, n_past;
+    float **k_cache, **v_cache;
+    tide_run run;
+    /* residency */
+    int32_t policy, refresh_interval;
+    tide_residency res;         /* residency.h: who is in which slot, policy state, counters */
+    int res_ready;
+    tide_moe_layer *moe;        /* [n_moe] */
+    tide_moe_work work;
+    /* counters */
+    tide_stats st;
+    char err[512];
+};
+
+/* forward.c: one forward of n tokens at positions n_past.. against the cache; writes K/V rows
+ * n_past..n_past+n-1. want (may be NULL: none) selects rows for lm_head; logits of the wanted
+ * rows land in run.logits [n_want, vocab]. kind: 0 step, 1 commit, 2 logits; step_in_block for
+ * steps. */
+tide_status tide_forward(tide_context *ctx, const int32_t *tokens, int32_t n, int32_t block_length,
+                         int kind, int32_t step_in_block, const int32_t *want_rows, int32_t n_want);
+
+/* context.c */
+tide_status tide_ctx_fail(tide_context *ctx, tide_status st, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* A backend error, with its message, on the context. */
+tide_status tide_ctx_be_fail(tide_context *ctx, tide_status st, const char *what);
+double tide_now(void);
+/* Grow the run buffers to n token rows and n_logits rows of logits. */
+tide_status tide_run_reserve(tide_context *ctx, int32_t n, int32_t n_logits);
+
+/* moe.c */
+tide_status tide_moe_init(tide_context *ctx);
+void tide_moe_free(tide_context *ctx);
+/* Routed + shared experts of MoE layer il on the normed input xb [n, H]; adds into out [n, H]. */
+tide_status tide_moe_forward(tide_context *ctx, int32_t il, const float *xb, int32_t n, int kind,
+                             int32_t step_in_block, float *out);
+tide_status tide_moe_set_residency(tide_context *ctx, int32_t policy, const int32_t *budgets,
+                                   int32_t refresh_interval);
+/* Counters of the residency module: summed into out's counter fields, or one layer's. */
+void tide_moe_stats(const tide_context *ctx, tide_stats *out);
+void tide_moe_layer_stats(const tide_context *ctx, int32_t moe_layer, tide_layer_stats *out);
+void tide_moe_reset_stats(tide_context *ctx);
+
+#endif /* TIDE_MODEL_H */

@@ -1,0 +1,161 @@
+"""ctypes mirror of native/include/tide.h: one declaration per function, nothing clever.
+
+The library is tide_cpp/libtide.so beside this file, or the path in $TIDE_LIB. Users meet
+`tide_cpp.Model`; this module keeps the C contract in one place.
+"""
+
+import ctypes
+import os
+from ctypes import (POINTER, Structure, c_char_p, c_double, c_float, c_int, c_int32, c_size_t,
+                    c_uint8, c_uint64, c_void_p)
+
+ABI_VERSION = 1
+
+# tide_status
+OK, ERR_IO, ERR_FORMAT, ERR_MODEL, ERR_ARG, ERR_NOMEM, ERR_DEVICE, ERR_UNSUPPORTED, ERR_CONTEXT = range(9)
+STATUS_NAMES = {OK: "ok", ERR_IO: "io", ERR_FORMAT: "format", ERR_MODEL: "model", ERR_ARG: "argument",
+                ERR_NOMEM: "out of memory", ERR_DEVICE: "device", ERR_UNSUPPORTED: "unsupported",
+                ERR_CONTEXT: "context"}
+
+# tide_type
+TYPE_F32, TYPE_F16, TYPE_Q8_0, TYPE_BF16 = 0, 1, 8, 30
+TYPE_NAMES = {TYPE_F32: "f32", TYPE_F16: "f16", TYPE_Q8_0: "q8_0", TYPE_BF16: "bf16"}
+# tide_device
+DEVICE_CPU, DEVICE_SIM, DEVICE_CUDA = 0, 1, 2
+DEVICES = {"cpu": DEVICE_CPU, "sim": DEVICE_SIM, "cuda": DEVICE_CUDA}
+# tide_policy
+POLICY_GPU, POLICY_CPU, POLICY_STATIC, POLICY_SWAP, POLICY_TIDE = range(5)
+POLICIES = {"gpu": POLICY_GPU, "cpu": POLICY_CPU, "static": POLICY_STATIC, "swap": POLICY_SWAP,
+            "tide": POLICY_TIDE}
+
+
+class TideError(RuntimeError):
+    """A failed call of the native library: `status` (tide_status) and the C message."""
+
+    def __init__(self, status, message):
+        self.status = int(status)
+        self.message = message
+        super().__init__(f"{message} ({STATUS_NAMES.get(self.status, self.status)} error)")
+
+
+class tide_hparams(Structure):
+    _fields_ = [(n, c_int32) for n in (
+        "n_layer", "n_embd", "n_ff", "n_ff_exp",
+        "n_expert", "n_expert_used", "n_expert_shared", "n_expert_groups", "n_group_used",
+        "n_dense_lead", "n_head", "n_head_kv", "head_dim", "rope_dim", "n_ctx_train", "n_vocab",
+        "qk_norm", "expert_weights_norm")] + [
+        ("expert_weights_scale", c_float), ("rms_eps", c_float), ("rope_theta", c_float),
+        ("bos_id", c_int32), ("eos_id", c_int32), ("pad_id", c_int32), ("mask_id", c_int32),
+        ("expert_type", c_int32), ("expert_bytes", c_uint64), ("nonexpert_bytes", c_uint64)]
+
+
+class tide_context_params(Structure):
+    _fields_ = [
+        ("device", c_int32), ("n_threads", c_int32), ("n_ctx", c_int32), ("policy", c_int32),
+        ("budget", c_int32), ("budgets", POINTER(c_int32)), ("n_budgets", c_int32),
+        ("refresh_interval", c_int32), ("trace", c_int32), ("device_memory", c_uint64),
+        ("cuda_device", c_int32)]
+
+
+class tide_sampling(Structure):
+    _fields_ = [("temperature", c_float), ("top_k", c_int32), ("top_p", c_float), ("seed", c_uint64)]
+
+
+STATS_COUNTERS = ("forwards", "steps", "tokens_forwarded", "h2d_bytes", "weights_h2d_bytes",
+                  "experts_promoted", "experts_demoted", "device_expert_tokens",
+                  "host_expert_tokens")
+STATS_TIMERS = ("t_total", "t_attention", "t_dense", "t_router", "t_device_experts",
+                "t_host_experts", "t_transfer_wait", "t_lm_head")
+
+
+class tide_stats(Structure):
+    _fields_ = [(n, c_uint64) for n in STATS_COUNTERS] + [(n, c_double) for n in STATS_TIMERS]
+
+
+class tide_layer_stats(Structure):
+    _fields_ = [(n, c_uint64) for n in ("h2d_bytes", "experts_promoted", "experts_demoted",
+                                         "device_expert_tokens", "host_expert_tokens")] + [
+        ("budget", c_int32), ("resident", c_int32)] + [
+        (n, c_double) for n in ("t_device_experts", "t_host_experts", "t_transfer_wait")]
+
+
+def struct_dict(s):
+    return {name: getattr(s, name) for name, _ in s._fields_}
+
+
+def _find_library():
+    path = os.environ.get("TIDE_LIB")
+    if path:
+        return path
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libtide.so")
+    if os.path.exists(here):
+        return here
+    raise OSError(f"libtide.so not found at {here}: run `make` in the repository root, "
+                  "or point $TIDE_LIB at the library")
+
+
+_model_p = c_void_p
+_ctx_p = c_void_p
+
+
+def _declare(lib):
+    d = [
+        ("tide_abi_version", [], c_int),
+        ("tide_model_load", [c_char_p, POINTER(_model_p), c_char_p, c_size_t], c_int),
+        ("tide_model_free", [_model_p], None),
+        ("tide_model_hparams", [_model_p, POINTER(tide_hparams)], None),
+        ("tide_model_meta_string", [_model_p, c_char_p, POINTER(c_void_p), POINTER(c_size_t)], c_int),
+        ("tide_context_default_params", [], tide_context_params),
+        ("tide_context_create", [_model_p, POINTER(tide_context_params), POINTER(_ctx_p), c_char_p,
+                                 c_size_t], c_int),
+        ("tide_context_free", [_ctx_p], None),
+        ("tide_context_error", [_ctx_p], c_char_p),
+        ("tide_cuda_available", [c_char_p, c_size_t], c_int),
+        ("tide_set_residency", [_ctx_p, c_int32, c_int32, POINTER(c_int32), c_int32, c_int32], c_int),
+        ("tide_set_popularity", [_ctx_p, POINTER(c_float), c_size_t], c_int),
+        ("tide_reset", [_ctx_p], None),
+        ("tide_n_past", [_ctx_p], c_int32),
+        ("tide_n_ctx", [_ctx_p], c_int32),
+        ("tide_commit", [_ctx_p, POINTER(c_int32), c_int32], c_int),
+        ("tide_step", [_ctx_p, POINTER(c_int32), c_int32, POINTER(c_uint8), c_int32,
+                       POINTER(tide_sampling), POINTER(c_int32), POINTER(c_float)], c_int),
+        ("tide_logits", [_ctx_p, POINTER(c_int32), c_int32, c_int32, POINTER(c_float)], c_int),
+        ("tide_get_stats", [_ctx_p, POINTER(tide_stats)], None),
+        ("tide_get_layer_stats", [_ctx_p, c_int32, POINTER(tide_layer_stats)], c_int),
+        ("tide_stats_reset", [_ctx_p], None),
+        ("tide_last_hits", [_ctx_p, POINTER(c_int32), c_size_t], c_int),
+        ("tide_resident", [_ctx_p, c_int32, POINTER(c_uint8), c_size_t], c_int),
+    ]
+    for name, args, res in d:
+        f = getattr(lib, name)
+        f.argtypes = args
+        f.restype = res
+
+
+_lib = None
+
+
+def lib():
+    """The loaded library (loaded once, checked against the ABI version)."""
+    global _lib
+    if _lib is None:
+        l = ctypes.CDLL(_find_library())
+        _declare(l)
+        v = l.tide_abi_version()
+        if v != ABI_VERSION:
+            raise OSError(f"libtide ABI version {v}, this package expects {ABI_VERSION}: rebuild")
+        _lib = l
+    return _lib
+
+
+def check(status, message):
+    """Raise TideError unless status is OK. message: str or a callable giving it."""
+    if status != OK:
+        raise TideError(status, message() if callable(message) else message)
+
+
+def cuda_available():
+    """(available: bool, reason: str)."""
+    buf = ctypes.create_string_buffer(512)
+    ok = lib().tide_cuda_available(buf, len(buf))
+    return bool(ok), buf.value.decode("utf-8", "replace")

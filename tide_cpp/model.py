@@ -1,0 +1,430 @@
+"""tide_cpp.Model: a GGUF loaded by the native core, and the step layer that generation drives.
+
+    with Model("model.gguf", device="auto", policy="tide", gpu_experts=32) as m:
+        logits = m.logits(ids, block_length=32)          # [len(ids), n_vocab] float32
+        m.commit(prompt_block)                           # a finished block into the KV cache
+        tokens, probs = m.step(block, want, step_in_block=0)
+        print(m.stats())
+
+User-level methods (tokenize, generate, create_chat_completion, ...) live in their own modules
+and are delegated from here.
+"""
+
+import ctypes
+import os
+
+import numpy as np
+
+from . import _lib
+from ._lib import TideError
+
+_ERR_LEN = 1024
+
+
+def _i32_ptr(a):
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+
+
+def _ids_array(ids, name="ids"):
+    a = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+    if a.size == 0:
+        raise ValueError(f"{name}: empty")
+    if a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max:
+        raise ValueError(f"{name}: token id out of range")
+    return a.astype(np.int32)
+
+
+class Model:
+    """A LLaDA2.0 GGUF on a backend: device cpu | sim | cuda | auto.
+
+    policy gpu | cpu | static | swap | tide decides which routed experts sit on the device;
+    gpu_experts is the slot budget of every MoE layer (an int) or one per MoE layer (a list);
+    refresh_interval is TIDE's tau. trace=True records the routing of every forward
+    (CONTRACTS.md section 4)."""
+
+    def __init__(self, path, device="cpu", n_threads=None, n_ctx=None, policy="gpu",
+                 gpu_experts=None, refresh_interval=4, trace=False, device_memory=None,
+                 popularity=None, verbose=False):
+        self._model = None
+        self._ctx = None
+        self._lib = _lib.lib()
+        if device not in ("cpu", "sim", "cuda", "auto"):
+            raise ValueError(f"device: unknown device {device!r} (cpu, sim, cuda or auto)")
+        if n_threads is not None and (not isinstance(n_threads, (int, np.integer)) or n_threads < 1):
+            raise ValueError(f"n_threads: {n_threads!r}, must be a positive int or None")
+        if n_ctx is not None and (not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1):
+            raise ValueError(f"n_ctx: {n_ctx!r}, must be a positive int or None")
+        if device_memory is not None and device_memory < 0:
+            raise ValueError(f"device_memory: {device_memory!r} is negative")
+        if device == "auto":
+            device = "cuda" if _lib.cuda_available()[0] else "cpu"
+        elif device == "cuda":
+            ok, why = _lib.cuda_available()
+            if not ok:
+                raise TideError(_lib.ERR_UNSUPPORTED, f"device='cuda' but no usable GPU: {why}")
+        self.device = device
+        self.path = os.fspath(path)
+        self.verbose = verbose
+
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        mp = ctypes.c_void_p()
+        st = self._lib.tide_model_load(self.path.encode(), ctypes.byref(mp), err, _ERR_LEN)
+        _lib.check(st, lambda: f"{self.path}: {err.value.decode('utf-8', 'replace')}")
+        self._model = mp
+        hp = _lib.tide_hparams()
+        self._lib.tide_model_hparams(self._model, ctypes.byref(hp))
+        self.hparams = _lib.struct_dict(hp)
+        self.n_moe_layers = hp.n_layer - hp.n_dense_lead
+        self.moe_layers = list(range(hp.n_dense_lead, hp.n_layer))
+
+        try:
+            policy_id, budget, budgets, interval = self._check_residency(policy, gpu_experts,
+                                                                        refresh_interval)
+        except ValueError:
+            self.close()
+            raise
+        p = self._lib.tide_context_default_params()
+        p.device = _lib.DEVICES[device]
+        p.n_threads = int(n_threads or 0)
+        p.n_ctx = int(n_ctx or 0)
+        p.policy = policy_id
+        p.budget = budget
+        if budgets is not None:
+            p.budgets = _i32_ptr(budgets)
+            p.n_budgets = len(budgets)
+        p.refresh_interval = interval
+        p.trace = 1 if trace else 0
+        p.device_memory = int(device_memory or 0)
+        cp = ctypes.c_void_p()
+        st = self._lib.tide_context_create(self._model, ctypes.byref(p), ctypes.byref(cp), err,
+                                           _ERR_LEN)
+        if st != _lib.OK:
+            self.close()
+            raise TideError(st, err.value.decode("utf-8", "replace"))
+        self._ctx = cp
+        self._policy = policy if device != "cpu" else "cpu"
+        self._refresh_interval = interval
+        self._budgets = self._budget_list(budget, budgets)
+        self._trace_on = bool(trace)
+        self._trace = {"hits": [], "kind": [], "block": [], "step": [], "n_tokens": []}
+        self._block_length = None
+        if popularity is not None:
+            self.set_popularity(popularity)
+
+    # ---- checks ---------------------------------------------------------------------------
+    def _check_residency(self, policy, gpu_experts, refresh_interval):
+        # `auto` runs as `tide`; generation asks the planner for the interval and budgets after
+        # the first block (tide_cpp.generation._plan_auto) and switches with set_residency.
+        if policy not in _lib.POLICIES and policy != "auto":
+            raise ValueError(f"policy: unknown policy {policy!r} "
+                             f"({', '.join(list(_lib.POLICIES) + ['auto'])})")
+        if (not isinstance(refresh_interval, (int, np.integer)) or isinstance(refresh_interval, bool)
+                or refresh_interval < 1):
+            raise ValueError(f"refresh_interval: {refresh_interval!r}, must be an int >= 1")
+        budget, budgets = 0, None
+        if gpu_experts is None:
+            pass
+        elif isinstance(gpu_experts, (int, np.integer)) and not isinstance(gpu_experts, bool):
+            if gpu_experts < 0:
+                raise ValueError(f"gpu_experts: {gpu_experts} is negative")
+            budget = int(gpu_experts)
+        else:
+            try:
+                lst = [int(b) for b in gpu_experts]
+            except TypeError:
+                raise ValueError(f"gpu_experts: {gpu_experts!r}, expected an int or a list of ints")
+            if len(lst) != self.n_moe_layers:
+                raise ValueError(f"gpu_experts: {len(lst)} budgets, the model has "
+                                 f"{self.n_moe_layers} MoE layers")
+            if any(b < 0 for b in lst):
+                raise ValueError(f"gpu_experts: negative budget in {lst}")
+            budgets = np.ascontiguousarray(lst, dtype=np.int32)
+        native = _lib.POLICIES["tide" if policy == "auto" else policy]
+        return native, budget, budgets, int(refresh_interval)
+
+    def _budget_list(self, budget, budgets):
+        E = self.hparams["n_expert"]
+        if self._policy == "gpu":
+            return [E] * self.n_moe_layers
+        if self._policy == "cpu":
+            return [0] * self.n_moe_layers
+        src = list(budgets) if budgets is not None else [budget] * self.n_moe_layers
+        return [min(int(b), E) for b in src]
+
+    def _check_open(self):
+        if self._ctx is None:
+            raise ValueError("the model is closed")
+
+    def _fail(self, st):
+        msg = self._lib.tide_context_error(self._ctx)
+        raise TideError(st, msg.decode("utf-8", "replace") if msg else "")
+
+    # ---- properties -----------------------------------------------------------------------
+    @property
+    def n_past(self):
+        self._check_open()
+        return self._lib.tide_n_past(self._ctx)
+
+    @property
+    def n_ctx(self):
+        self._check_open()
+        return self._lib.tide_n_ctx(self._ctx)
+
+    @property
+    def policy(self):
+        """The residency policy by name (`cpu` on device cpu: nothing can be resident)."""
+        return self._policy
+
+    @property
+    def n_vocab(self):
+        return self.hparams["n_vocab"]
+
+    eos_token_id = property(lambda self: self.hparams["eos_id"])
+    mask_token_id = property(lambda self: self.hparams["mask_id"])
+    bos_token_id = property(lambda self: self.hparams["bos_id"])
+    pad_token_id = property(lambda self: self.hparams["pad_id"])
+
+    def metadata_string(self, key):
+        """A string metadata value of the GGUF, or None when absent (or not a string)."""
+        if self._model is None:
+            raise ValueError("the model is closed")
+        p, n = ctypes.c_void_p(), ctypes.c_size_t()
+        st = self._lib.tide_model_meta_string(self._model, key.encode(), ctypes.byref(p),
+                                              ctypes.byref(n))
+        if st != _lib.OK:
+            return None
+        return ctypes.string_at(p, n.value).decode("utf-8", "replace")
+
+    # ---- the step layer -------------------------------------------------------------------
+    def reset(self):
+        self._check_open()
+        self._lib.tide_reset(self._ctx)
+
+    def _record(self, kind, block, step, n):
+        if not self._trace_on:
+            return
+        E = self.hparams["n_expert"]
+        hits = np.zeros(self.n_moe_layers * E, dtype=np.int32)
+        if self.n_moe_layers:
+            st = self._lib.tide_last_hits(self._ctx, _i32_ptr(hits), hits.size)
+            if st != _lib.OK:
+                self._fail(st)
+        t = self._trace
+        t["hits"].append(hits.reshape(self.n_moe_layers, E))
+        t["kind"].append(kind)
+        t["block"].append(block)
+        t["step"].append(step)
+        t["n_tokens"].append(n)
+
+    def commit(self, ids):
+        """Forward one finished block at n_past and append its keys/values to the cache."""
+        self._check_open()
+        a = _ids_array(ids)
+        n_past = self.n_past
+        st = self._lib.tide_commit(self._ctx, _i32_ptr(a), a.size)
+        if st != _lib.OK:
+            self._fail(st)
+        bl = self._block_length or a.size
+        self._record(1, n_past // bl, -1, a.size)
+
+    def step(self, ids, want, step_in_block, temperature=0.0, top_k=None, top_p=None, seed=0,
+             block_length=None):
+        """Forward the active block against the cache (the cache is not changed).
+
+        want: bools, one per position: which positions get a token. Returns (tokens int32[n],
+        probs float32[n]); positions not wanted get -1 / 0."""
+        self._check_open()
+        a = _ids_array(ids)
+        w = np.ascontiguousarray(np.asarray(want, dtype=bool).reshape(-1)).astype(np.uint8)
+        if w.size != a.size:
+            raise ValueError(f"want: {w.size} entries for {a.size} ids")
+        if step_in_block < 0:
+            raise ValueError(f"step_in_block: {step_in_block} is negative")
+        if temperature is None or not temperature >= 0:
+            raise ValueError(f"temperature: {temperature!r}, must be >= 0")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k: {top_k!r} is negative")
+        if top_p is not None and not (0 < top_p <= 1):
+            raise ValueError(f"top_p: {top_p!r}, must be in (0, 1]")
+        s = _lib.tide_sampling(float(temperature), int(top_k or 0),
+                               float(1.0 if top_p is None else top_p), int(seed) & (2**64 - 1))
+        tok = np.empty(a.size, dtype=np.int32)
+        prob = np.empty(a.size, dtype=np.float32)
+        n_past = self.n_past
+        st = self._lib.tide_step(self._ctx, _i32_ptr(a), a.size,
+                                 w.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), int(step_in_block),
+                                 ctypes.byref(s), _i32_ptr(tok),
+                                 prob.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        if st != _lib.OK:
+            self._fail(st)
+        bl = block_length or self._block_length or a.size
+        self._record(0, n_past // bl, int(step_in_block), a.size)
+        return tok, prob
+
+    def logits(self, ids, block_length=32):
+        """Block-causal forward of ids from position 0: float32 [len(ids), n_vocab]. Clears
+        the cache."""
+        self._check_open()
+        a = _ids_array(ids)
+        if not isinstance(block_length, (int, np.integer)) or block_length < 1:
+            raise ValueError(f"block_length: {block_length!r}, must be an int >= 1")
+        out = np.empty((a.size, self.n_vocab), dtype=np.float32)
+        st = self._lib.tide_logits(self._ctx, _i32_ptr(a), a.size, int(block_length),
+                                   out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        if st != _lib.OK:
+            self._fail(st)
+        self._record(2, 0, -1, a.size)
+        return out
+
+    # ---- residency ------------------------------------------------------------------------
+    def set_residency(self, policy, gpu_experts=None, refresh_interval=4):
+        self._check_open()
+        policy_id, budget, budgets, interval = self._check_residency(policy, gpu_experts,
+                                                                    refresh_interval)
+        st = self._lib.tide_set_residency(
+            self._ctx, policy_id, budget, _i32_ptr(budgets) if budgets is not None else None,
+            len(budgets) if budgets is not None else 0, interval)
+        if st != _lib.OK:
+            self._fail(st)
+        if self.device != "cpu":
+            self._policy = policy
+        self._refresh_interval = interval
+        self._budgets = self._budget_list(budget, budgets)
+
+    def set_popularity(self, counts):
+        """Popularity profile for `static`: counts [n_moe_layers, n_expert]."""
+        self._check_open()
+        c = np.ascontiguousarray(np.asarray(counts, dtype=np.float32))
+        want = (self.n_moe_layers, self.hparams["n_expert"])
+        if c.shape != want:
+            raise ValueError(f"popularity: shape {c.shape}, expected {want}")
+        if not np.all(np.isfinite(c)) or (c < 0).any():
+            raise ValueError("popularity: counts must be finite and >= 0")
+        st = self._lib.tide_set_popularity(self._ctx, c.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                           c.size)
+        if st != _lib.OK:
+            self._fail(st)
+
+    def resident(self, moe_layer):
+        """np.bool_[n_expert]: which experts of MoE layer moe_layer (0-based) are resident."""
+        self._check_open()
+        if not 0 <= moe_layer < self.n_moe_layers:
+            raise ValueError(f"moe_layer: {moe_layer} outside 0..{self.n_moe_layers - 1}")
+        out = np.zeros(self.hparams["n_expert"], dtype=np.uint8)
+        st = self._lib.tide_resident(self._ctx, int(moe_layer),
+                                     out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), out.size)
+        if st != _lib.OK:
+            self._fail(st)
+        return out.astype(bool)
+
+    # ---- counters and trace ---------------------------------------------------------------
+    def stats(self):
+        self._check_open()
+        s = _lib.tide_stats()
+        self._lib.tide_get_stats(self._ctx, ctypes.byref(s))
+        out = _lib.struct_dict(s)
+        per = []
+        for i in range(self.n_moe_layers):
+            ls = _lib.tide_layer_stats()
+            st = self._lib.tide_get_layer_stats(self._ctx, i, ctypes.byref(ls))
+            if st != _lib.OK:
+                self._fail(st)
+            d = _lib.struct_dict(ls)
+            d["layer"] = self.moe_layers[i]
+            per.append(d)
+        out["per_layer"] = per
+        out["policy"] = self._policy
+        out["refresh_interval"] = self._refresh_interval
+        out["budgets"] = list(self._budgets)
+        out["device"] = self.device
+        return out
+
+    def reset_stats(self):
+        self._check_open()
+        self._lib.tide_stats_reset(self._ctx)
+
+    def trace(self):
+        """The routing trace (CONTRACTS.md section 4) as a dict of numpy arrays."""
+        if not self._trace_on:
+            raise ValueError("trace: the model was opened without trace=True")
+        t = self._trace
+        E = self.hparams["n_expert"]
+        hits = (np.stack(t["hits"]) if t["hits"]
+                else np.zeros((0, self.n_moe_layers, E), dtype=np.int32))
+        return {
+            "hits": hits.astype(np.int32),
+            "kind": np.asarray(t["kind"], dtype=np.int8),
+            "block": np.asarray(t["block"], dtype=np.int32),
+            "step": np.asarray(t["step"], dtype=np.int32),
+            "n_tokens": np.asarray(t["n_tokens"], dtype=np.int32),
+            "expert_bytes": np.int64(self.hparams["expert_bytes"]),
+            "n_expert": np.int32(E),
+            "moe_layers": np.asarray(self.moe_layers, dtype=np.int32),
+            "block_length": np.int32(self._block_length or self._guess_block_length()),
+        }
+
+    def _guess_block_length(self):
+        """Without set_block_length: the size of the steps' active block (full blocks), or 32."""
+        t = self._trace
+        sizes = [n for k, n in zip(t["kind"], t["n_tokens"]) if k == 0]
+        return max(sizes) if sizes else 32
+
+    def clear_trace(self):
+        for v in self._trace.values():
+            v.clear()
+
+    def save_trace(self, path):
+        np.savez(path, **self.trace())
+
+    def set_block_length(self, block_length):
+        """Tell the trace the block length generation uses (block = position // block_length)."""
+        self._block_length = int(block_length)
+
+    # ---- user methods, delegated ----------------------------------------------------------
+    def _tokenizer(self):
+        if getattr(self, "_tok", None) is None:
+            from .tokenizer import Tokenizer
+            self._tok = Tokenizer.from_model(self) if hasattr(Tokenizer, "from_model") else Tokenizer(self)
+        return self._tok
+
+    def tokenize(self, text, add_special=False):
+        return self._tokenizer().tokenize(text, add_special=add_special)
+
+    def detokenize(self, ids):
+        return self._tokenizer().detokenize(ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        from .tokenizer import ChatTemplate
+        if getattr(self, "_chat_template", None) is None:
+            self._chat_template = (ChatTemplate.from_model(self) if hasattr(ChatTemplate, "from_model")
+                                   else ChatTemplate(self))
+        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def generate(self, prompt_or_ids, **kwargs):
+        from . import generation
+        return generation.generate(self, prompt_or_ids, **kwargs)
+
+    def create_chat_completion(self, messages, **kwargs):
+        from . import chat
+        return chat.create_chat_completion(self, messages, **kwargs)
+
+    # ---- lifetime -------------------------------------------------------------------------
+    def close(self):
+        if getattr(self, "_ctx", None) is not None:
+            self._lib.tide_context_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None) is not None:
+            self._lib.tide_model_free(self._model)
+            self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
