@@ -1,0 +1,157 @@
+"""tide-cli bench: the same prompts under each residency policy, one table: steps/s, tokens/s,
+time per step (measured, and predicted by the planner's cost model when --profile is given),
+H2D bytes per step, host token-expert pairs per step, device hit rate, and whether the generated
+tokens are identical to the first policy's (they must be: every policy is exact)."""
+
+import sys
+import time
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="compare residency policies on the same prompts", description=__doc__)
+    p.add_argument("-m", "--model", required=True, help="GGUF model")
+    p.add_argument("--policies", default="cpu,static,swap,tide,gpu",
+                   help="comma-separated: cpu,gpu,static,swap,tide,auto")
+    p.add_argument("--gpu-experts", default="32",
+                   help="expert slots per MoE layer (an int, or a comma list per layer)")
+    p.add_argument("--refresh-interval", type=int, default=4)
+    p.add_argument("--device", default="auto", choices=["auto", "sim", "cuda", "cpu"])
+    p.add_argument("-t", "--threads", type=int)
+    p.add_argument("--prompts", help="text file, one prompt per line")
+    p.add_argument("-p", "--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=0.95)
+    p.add_argument("--popularity", help="popularity JSON for static (tide-cli profile)")
+    p.add_argument("--profile", help="hardware profile JSON: add the predicted time per step")
+    p.add_argument("--device-memory", help="device memory grant (e.g. 8GiB; auto plans within it)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of the first prompt per policy")
+    p.add_argument("--repeat", type=int, default=1, help="runs per prompt; times are their median")
+    p.add_argument("--markdown", help="also write the table (markdown) to this file")
+    return p
+
+
+DEFAULT_PROMPTS = [
+    "What is 37 plus 48?",
+    "Write a short poem about the moon.",
+]
+
+
+def _budget_arg(s):
+    parts = [int(x) for x in str(s).split(",") if x.strip()]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def bench_policy(path, policy, budget, tau, device, threads, prompts, gen_kw, popularity=None,
+                 warmup=1, device_memory=None, profile=None, repeat=1):
+    """One policy over the prompts: a dict of totals, the tokens of every prompt. Each prompt
+    runs `repeat` times; its time is the median of the repeats (a loaded machine is noisy)."""
+    import numpy as np
+    from ..model import Model
+    from ..planner import predict
+    kw = dict(device=device, n_threads=threads, policy=policy, refresh_interval=tau, trace=True)
+    if policy not in ("gpu", "cpu"):
+        kw["gpu_experts"] = budget
+    if policy == "static" and popularity is not None:
+        kw["popularity"] = popularity
+    if device_memory is not None:
+        kw["device_memory"] = device_memory
+    tokens, wall, core, steps, ntok, pred_t = [], 0.0, 0.0, 0, 0, 0.0
+    predicted = profile is not None and policy != "auto"
+    with Model(path, **kw) as m:
+        for _ in range(warmup):
+            m.generate(prompts[0], **gen_kw)
+        m.reset_stats()
+        for prompt in prompts:
+            walls, cores = [], []
+            for rep in range(repeat):
+                m.clear_trace()
+                before = m.stats()
+                t = time.perf_counter()
+                g = m.generate(prompt, **gen_kw)
+                walls.append(time.perf_counter() - t)
+                after = m.stats()
+                cores.append(after["t_total"] - before["t_total"])
+                if rep == 0:
+                    tokens.append(list(g.tokens))
+                    ntok += len(g.tokens)
+                    n_steps = after["steps"] - before["steps"]
+                    steps += n_steps
+                    if predicted:
+                        # The trace replays from R = {} (a fresh context); the bench's context
+                        # carries residency over from the run before: a few promotions apart.
+                        pr = predict(m.trace(), profile, policy, budget, tau, popularity)
+                        pred_t += pr.time_per_step * n_steps
+            wall += float(np.median(walls))
+            core += float(np.median(cores))
+        st = m.stats()
+    n_runs = max(repeat, 1)
+    pairs = st["device_expert_tokens"] + st["host_expert_tokens"]
+    return {
+        "policy": policy, "steps": steps, "tokens": ntok, "wall": wall, "core": core,
+        "h2d_bytes": st["h2d_bytes"] / n_runs, "host_pairs": st["host_expert_tokens"] / n_runs,
+        "hit_rate": st["device_expert_tokens"] / pairs if pairs else 0.0,
+        "pred": pred_t if predicted else None,
+        "budgets": st.get("budgets"), "refresh_interval": st.get("refresh_interval"),
+    }, tokens
+
+
+def run(args):
+    from ..planner import HardwareProfile, parse_bytes
+    from .profile import load_popularity, load_prompts
+
+    prompts = load_prompts(args) if (args.prompts or args.prompt) else DEFAULT_PROMPTS
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    budget = _budget_arg(args.gpu_experts)
+    device = args.device
+    if device == "auto":
+        from .. import _lib
+        device = "cuda" if _lib.cuda_available()[0] else "sim"
+    popularity = load_popularity(args.popularity) if args.popularity else None
+    profile = HardwareProfile.load(args.profile) if args.profile else None
+    dm = parse_bytes(args.device_memory) if args.device_memory else None
+    gen_kw = dict(max_tokens=args.max_tokens, block_length=args.block_length, steps=args.steps,
+                  threshold=args.threshold)
+    rows, ref = [], None
+    for pol in policies:
+        print(f"running {pol} ...", file=sys.stderr, flush=True)
+        try:
+            row, toks = bench_policy(args.model, pol, budget, args.refresh_interval, device,
+                                     args.threads, prompts, gen_kw, popularity, args.warmup, dm,
+                                     profile, args.repeat)
+        except Exception as e:  # a policy that cannot run here (gpu too large): say why, go on
+            print(f"  {pol}: {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append({"policy": pol, "error": str(e)})
+            continue
+        if ref is None:
+            ref = toks
+        row["same"] = toks == ref
+        rows.append(row)
+    head = ["policy", "steps/s", "tokens/s", "ms/step", "core ms/step", "pred ms/step",
+            "H2D MB/step", "host pairs/step", "hit rate", "same tokens"]
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r["policy"]] + ["-"] * 8 + [f"error: {r['error'][:40]}"])
+            continue
+        n = max(r["steps"], 1)
+        lines.append([
+            r["policy"], f"{r['steps'] / r['wall']:.2f}", f"{r['tokens'] / r['wall']:.2f}",
+            f"{r['wall'] / n * 1e3:.2f}", f"{r['core'] / n * 1e3:.2f}",
+            "-" if r["pred"] is None else f"{r['pred'] / n * 1e3:.2f}",
+            f"{r['h2d_bytes'] / n / 1e6:.2f}", f"{r['host_pairs'] / n:.1f}",
+            f"{r['hit_rate']:.3f}", "yes" if r["same"] else "NO"])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    table = [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(l) for l in lines]
+    desc = (f"model {args.model}, device {device}, budget {args.gpu_experts}, refresh interval "
+            f"{args.refresh_interval}, {len(prompts)} prompt(s), max_tokens {args.max_tokens}, "
+            f"block {args.block_length}, steps {args.steps}, threshold {args.threshold}, "
+            f"median of {args.repeat} run(s)" + (f", profile {args.profile}" if args.profile else ""))
+    print(desc)
+    print("\n".join(table))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(desc + "\n\n" + "\n".join(table) + "\n")
+    return 0 if all(r.get("same", True) for r in rows) else 1
