@@ -106,6 +106,7 @@ class Model:
         self._refresh_interval = interval
         self._budgets = self._budget_list(budget, budgets)
         self._trace_on = bool(trace)
+        self.device_memory = int(device_memory) if device_memory else None
         self._trace = {"hits": [], "kind": [], "block": [], "step": [], "n_tokens": []}
         self._block_length = None
         if popularity is not None:
@@ -358,6 +359,7 @@ class Model:
             "step": np.asarray(t["step"], dtype=np.int32),
             "n_tokens": np.asarray(t["n_tokens"], dtype=np.int32),
             "expert_bytes": np.int64(self.hparams["expert_bytes"]),
+            "nonexpert_bytes": np.int64(self.hparams["nonexpert_bytes"]),
             "n_expert": np.int32(E),
             "moe_layers": np.asarray(self.moe_layers, dtype=np.int32),
             "block_length": np.int32(self._block_length or self._guess_block_length()),
@@ -381,24 +383,26 @@ class Model:
         self._block_length = int(block_length)
 
     # ---- user methods, delegated ----------------------------------------------------------
-    def _tokenizer(self):
+    @property
+    def tokenizer(self):
+        """The original tokenizer.json embedded in the GGUF (tide_cpp.tokenizer.Tokenizer)."""
         if getattr(self, "_tok", None) is None:
             from .tokenizer import Tokenizer
-            self._tok = Tokenizer.from_model(self) if hasattr(Tokenizer, "from_model") else Tokenizer(self)
+            self._tok = Tokenizer.from_model(self)
         return self._tok
 
     def tokenize(self, text, add_special=False):
-        return self._tokenizer().tokenize(text, add_special=add_special)
+        return self.tokenizer.tokenize(text, add_special=add_special)
 
     def detokenize(self, ids):
-        return self._tokenizer().detokenize(ids)
+        return self.tokenizer.detokenize(ids)
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
         from .tokenizer import ChatTemplate
         if getattr(self, "_chat_template", None) is None:
-            self._chat_template = (ChatTemplate.from_model(self) if hasattr(ChatTemplate, "from_model")
-                                   else ChatTemplate(self))
-        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+            self._chat_template = ChatTemplate.from_model(self)
+        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt,
+                                          **kwargs)
 
     def generate(self, prompt_or_ids, **kwargs):
         from . import generation

@@ -227,9 +227,7 @@ class Tokenizer:
 def tokenizer_of(model):
     """The Tokenizer of a model: `model.tokenizer` when it has one, else built (and kept on the
     model) from its metadata."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is None and callable(getattr(model, "_tokenizer", None)):
-        tok = model._tokenizer()  # tide_cpp.Model keeps its own (built by from_model)
+    tok = getattr(model, "tokenizer", None)  # tide_cpp.Model keeps its own
     if tok is None:
         tok = getattr(model, "_tide_tokenizer", None)
     if tok is None:
