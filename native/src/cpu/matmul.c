@@ -1,0 +1,493 @@
+/* matmul.c: y[t][r] = dot(W[r], x[t]) for every weight type, and the canonical f32 dot.
+ *
+ * Memory-bound by design: a group of 4 weight rows is loaded (and expanded to f32) once per chunk
+ * of 8 columns and used for up to 4 tokens in registers; the 4 rows stay in L1/L2 while the
+ * other tokens of the block pass. Every (row, token) dot has its own accumulator and the
+ * canonical order of cpu_internal.h, so tiling never changes a bit.
+ */
+#include "cpu/cpu_internal.h"
+
+#include <stdlib.h>
+
+int cpu_matrix_ok(const tide_matrix *w) {
+    if (!w || !tide_type_valid(w->type) || w->rows < 0 || w->cols < 1)
+        return 0;
+    if (tide_row_bytes(w->type, w->cols) == 0)
+        return 0;
+    return w->rows == 0 || w->data != NULL;
+}
+
+/* ---- scalar path ---------------------------------------------------------------------------- */
+/* Weights c*8 .. c*8+7 (those < cols) as f32; returns how many are valid. */
+static inline int w_chunk_scalar(int32_t type, const char *row, int64_t cols, int64_t c,
+                                 float w[8]) {
+    int64_t i0 = c * 8;
+    int n = cols - i0 < 8 ? (int)(cols - i0) : 8;
+    switch (type) {
+    case TIDE_TYPE_F32:
+        memcpy(w, (const float *)row + i0, (size_t)n * 4);
+        break;
+    case TIDE_TYPE_F16:
+        for (int l = 0; l < n; l++)
+            w[l] = tide_f16_to_f32(((const uint16_t *)row)[i0 + l]);
+        break;
+    case TIDE_TYPE_BF16:
+        for (int l = 0; l < n; l++)
+            w[l] = tide_bf16_to_f32(((const uint16_t *)row)[i0 + l]);
+        break;
+    case TIDE_TYPE_Q8_0: {
+        const tide_block_q8_0 *b = (const tide_block_q8_0 *)row + (i0 >> 5);
+        float d = tide_f16_to_f32(b->d);
+        for (int l = 0; l < n; l++)
+            w[l] = d * (float)b->qs[(i0 & 31) + l];
+        break;
+    }
+    }
+    return n;
+}
+
+/* One weight row against nt (<= 4) tokens. */
+static void tile_scalar(int32_t type, const char *row, int64_t cols, const float *const *xs,
+                        int nt, float *out) {
+    float lanes[4][8] = {{0}};
+    int64_t nc = (cols + 7) / 8;
+    for (int64_t c = 0; c < nc; c++) {
+        float w[8];
+        int n = w_chunk_scalar(type, row, cols, c, w);
+        for (int t = 0; t < nt; t++) {
+            const float *x = xs[t] + c * 8;
+            for (int l = 0; l < n; l++)
+                lanes[t][l] += w[l] * x[l];
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        out[t] = cpu_hsum8_scalar(lanes[t]);
+}
+
+static void matmul_rows_scalar(const cpu_wview *w, int64_t r0, int64_t r1, const cpu_tokens *ts,
+                               int32_t t0, int32_t t1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const char *row = w->data + (size_t)r * w->rb;
+        for (int32_t t = t0; t < t1; t += 4) {
+            int nt = t1 - t < 4 ? t1 - t : 4;
+            const float *xs[4];
+            float out[4];
+            for (int i = 0; i < nt; i++)
+                xs[i] = ts->x + (int64_t)(ts->x_idx ? ts->x_idx[t + i] : t + i) * ts->x_stride;
+            tile_scalar(w->type, row, w->cols, xs, nt, out);
+            for (int i = 0; i < nt; i++)
+                ts->y[(int64_t)(ts->y_idx ? ts->y_idx[t + i] : t + i) * ts->y_stride + r] = out[i];
+        }
+    }
+}
+
+float cpu_dot_f32(const tide_cpu_features *f, const float *a, const float *b, int64_t n);
+
+/* ---- AVX2 path ------------------------------------------------------------------------------ */
+#ifdef TIDE_X86
+/* Weights of full chunk c (8 values) as f32. */
+TIDE_AVX2 TIDE_INLINE __m256 w_chunk_avx2(int32_t type, const char *row, int64_t c) {
+    switch (type) {
+    case TIDE_TYPE_F16:
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + c * 8)));
+    case TIDE_TYPE_BF16: {
+        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + c * 8)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    }
+    case TIDE_TYPE_Q8_0: {
+        const tide_block_q8_0 *b = (const tide_block_q8_0 *)row + (c >> 2);
+        __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + (c & 3) * 8)));
+        float d = _cvtsh_ss(b->d);
+        return _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(q));
+    }
+    default:
+        return _mm256_loadu_ps((const float *)row + c * 8);
+    }
+}
+
+/* The zero-padded last chunk of a row whose cols % 8 != 0 (f32, f16, bf16 only). */
+TIDE_AVX2 TIDE_INLINE __m256 w_tail_avx2(int32_t type, const char *row, int64_t c, int n) {
+    if (type == TIDE_TYPE_F32)
+        return cpu_load_partial_avx2((const float *)row + c * 8, n);
+    uint16_t tmp[8] = {0};
+    memcpy(tmp, (const uint16_t *)row + c * 8, (size_t)n * 2);
+    if (type == TIDE_TYPE_F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp));
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)tmp));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+/* R rows (stride rb) x T tokens; out[r*T + t]. R, T are constants after inlining. */
+TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, int64_t cols,
+                                     const float *const *xs, float *out, const int R, const int T) {
+    __m256 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            acc[r][t] = _mm256_setzero_ps();
+    int64_t nc = cols / 8;
+    if (type == TIDE_TYPE_Q8_0) {
+        /* block by block: the scale is converted once per block; the same chunk order and the
+         * same w = d * q as w_chunk_avx2, so the bits are those of the chunk loop */
+        for (int64_t blk = 0; blk < nc / 4; blk++) {
+            __m256 d[4];
+            const tide_block_q8_0 *bp[4];
+            for (int r = 0; r < R; r++) {
+                bp[r] = (const tide_block_q8_0 *)(row + r * rb) + blk;
+                d[r] = _mm256_set1_ps(_cvtsh_ss(bp[r]->d));
+                /* ~1 KiB ahead per row: measured +15% from DRAM (q8_0 rows of 34-byte blocks
+                 * are not cache-line multiples; the hardware prefetcher lags on them) */
+                _mm_prefetch((const char *)(bp[r] + 32), _MM_HINT_T0);
+            }
+            for (int sub = 0; sub < 4; sub++) {
+                __m256 wv[4];
+                for (int r = 0; r < R; r++)
+                    wv[r] = _mm256_mul_ps(d[r], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                    _mm_loadl_epi64((const __m128i *)(bp[r]->qs + sub * 8)))));
+                int64_t c = blk * 4 + sub;
+                for (int t = 0; t < T; t++) {
+                    __m256 xv = _mm256_loadu_ps(xs[t] + c * 8);
+                    for (int r = 0; r < R; r++)
+                        acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+                }
+            }
+        }
+        nc = 0; /* q8_0 rows are whole blocks: no chunk loop, no tail */
+    }
+    for (int64_t c = 0; c < nc; c++) {
+        __m256 wv[4];
+        for (int r = 0; r < R; r++)
+            wv[r] = w_chunk_avx2(type, row + r * rb, c);
+        for (int t = 0; t < T; t++) {
+            __m256 xv = _mm256_loadu_ps(xs[t] + c * 8);
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    if (type == TIDE_TYPE_Q8_0)
+        nc = cols / 8;
+    int tail = (int)(cols - nc * 8);
+    if (tail) {
+        __m256 wv[4];
+        for (int r = 0; r < R; r++)
+            wv[r] = w_tail_avx2(type, row + r * rb, nc, tail);
+        for (int t = 0; t < T; t++) {
+            __m256 xv = cpu_load_partial_avx2(xs[t] + nc * 8, tail);
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            out[r * T + t] = cpu_hsum8_avx2(acc[r][t]);
+}
+
+/* Dispatch a (R, T) tile with constant shape; the type is a constant of the caller. */
+TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t rb, int64_t cols,
+                                         const float *const *xs, float *out, int R, int T) {
+#define TILE(r_, t_) \
+    if (R == r_ && T == t_) { tile_avx2(type, row, rb, cols, xs, out, r_, t_); return; }
+    TILE(2, 4) TILE(2, 3) TILE(4, 2) TILE(4, 1)
+    TILE(1, 4) TILE(1, 3) TILE(1, 2) TILE(1, 1)
+#undef TILE
+}
+
+/* Tokens in [t0, t1), rows [r0, r1). Rows go in blocks that stay in L2 (<= 256 KiB); within a
+ * block, each group of 4 tokens (their x rows in L1) meets every row of the block, so x is read
+ * from L1 and weights from L2 (from DRAM once, on the first token group). Tiles: 4 rows at a
+ * time; 4 tokens as two 2x4 tiles, 3 as two 2x3, 2 as one 4x2, 1 as one 4x1; leftover rows one
+ * at a time. One body for the AVX2 and the AVX-512 tiles (a macro: the target attributes of the
+ * two must not mix). */
+#define MATMUL_BLOCK_BODY(TILE_ANY, BIG)                                                          \
+    size_t rb = w->rb;                                                                            \
+    int64_t cols = w->cols;                                                                       \
+    int64_t rowblk = (int64_t)((256 * 1024) / (rb ? rb : 1)) / 4 * 4;                              \
+    if (rowblk < 4)                                                                               \
+        rowblk = 4;                                                                               \
+    for (int64_t b0 = r0; b0 < r1; b0 += rowblk) {                                                \
+        int64_t b1 = r1 - b0 < rowblk ? r1 : b0 + rowblk;                                         \
+        for (int32_t t = t0; t < t1; t += 4) {                                                    \
+            int nt = t1 - t < 4 ? t1 - t : 4;                                                     \
+            const float *xs[4];                                                                   \
+            float *ys[4];                                                                         \
+            for (int i = 0; i < nt; i++) {                                                        \
+                xs[i] = ts->x + (int64_t)(ts->x_idx ? ts->x_idx[t + i] : t + i) * ts->x_stride;   \
+                ys[i] = ts->y + (int64_t)(ts->y_idx ? ts->y_idx[t + i] : t + i) * ts->y_stride;   \
+            }                                                                                     \
+            for (int64_t r = b0; r < b1;) {                                                       \
+                int rg = b1 - r >= 4 ? 4 : 1;                                                     \
+                const char *row = w->data + (size_t)r * rb;                                       \
+                float out[16];                                                                    \
+                if (rg == 4) {                                                                    \
+                    if (nt >= 3 && !(BIG)) {                                                      \
+                        TILE_ANY(type, row, rb, cols, xs, out, 2, nt);                            \
+                        TILE_ANY(type, row + 2 * rb, rb, cols, xs, out + 2 * nt, 2, nt);          \
+                    } else {                                                                      \
+                        TILE_ANY(type, row, rb, cols, xs, out, 4, nt);                            \
+                    }                                                                             \
+                } else {                                                                          \
+                    TILE_ANY(type, row, rb, cols, xs, out, 1, nt);                                \
+                }                                                                                 \
+                for (int i = 0; i < nt; i++)                                                      \
+                    for (int k = 0; k < rg; k++)                                                  \
+                        ys[i][r + k] = out[k * nt + i];                                           \
+                r += rg;                                                                          \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+TIDE_AVX2 TIDE_INLINE void matmul_block_avx2(const int32_t type, const cpu_wview *w, int64_t r0,
+                                             int64_t r1, const cpu_tokens *ts, int32_t t0,
+                                             int32_t t1) {
+    MATMUL_BLOCK_BODY(tile_any_avx2, 0)
+}
+
+TIDE_AVX2 static void matmul_block_f32(const cpu_wview *w, int64_t r0, int64_t r1,
+                                       const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_F32, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX2 static void matmul_block_f16(const cpu_wview *w, int64_t r0, int64_t r1,
+                                       const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_F16, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX2 static void matmul_block_bf16(const cpu_wview *w, int64_t r0, int64_t r1,
+                                        const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_BF16, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX2 static void matmul_block_q8_0(const cpu_wview *w, int64_t r0, int64_t r1,
+                                        const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_Q8_0, w, r0, r1, ts, t0, t1);
+}
+
+/* ---- AVX-512 path (F + BW + VL): the same tiles with 16-lane chunks. Its canonical order is
+ * the 16-lane analogue: acc = fma(w[16c..], x[16c..], acc), the last chunk zero-padded, then
+ * lanes 0-7 + 8-15 and the 8-lane sum above. A machine with AVX-512 uses it for every matmul
+ * (and the attention scores and experts built on it); cpu_dot_f32 stays 8-lane. */
+#define TIDE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+TIDE_AVX512 TIDE_INLINE float hsum16_avx512(__m512 v) {
+    __m256 lo = _mm512_castps512_ps256(v);
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return cpu_hsum8_avx2(_mm256_add_ps(lo, hi));
+}
+
+TIDE_AVX512 TIDE_INLINE __m512 w16_chunk(int32_t type, const char *row, int64_t c) {
+    switch (type) {
+    case TIDE_TYPE_F16:
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + c * 16)));
+    case TIDE_TYPE_BF16:
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + c * 16))), 16));
+    default:
+        return _mm512_loadu_ps((const float *)row + c * 16);
+    }
+}
+
+/* lanes [0, n) of chunk c, zeros above; masked-off lanes are never read (no fault past the end) */
+TIDE_AVX512 TIDE_INLINE __m512 w16_tail(int32_t type, const char *row, int64_t c, int n) {
+    __mmask16 m = (__mmask16)((1u << n) - 1u);
+    switch (type) {
+    case TIDE_TYPE_F16:
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + c * 16));
+    case TIDE_TYPE_BF16:
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + c * 16)), 16));
+    default:
+        return _mm512_maskz_loadu_ps(m, (const float *)row + c * 16);
+    }
+}
+
+TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t rb, int64_t cols,
+                                         const float *const *xs, float *out, const int R,
+                                         const int T) {
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            acc[r][t] = _mm512_setzero_ps();
+    int64_t nc = cols / 16;
+    if (type == TIDE_TYPE_Q8_0) {
+        for (int64_t blk = 0; blk < nc / 2; blk++) {
+            __m512 d[4];
+            const tide_block_q8_0 *bp[4];
+            for (int r = 0; r < R; r++) {
+                bp[r] = (const tide_block_q8_0 *)(row + r * rb) + blk;
+                d[r] = _mm512_set1_ps(_cvtsh_ss(bp[r]->d));
+                _mm_prefetch((const char *)(bp[r] + 32), _MM_HINT_T0);
+            }
+            for (int sub = 0; sub < 2; sub++) {
+                __m512 wv[4];
+                for (int r = 0; r < R; r++)
+                    wv[r] = _mm512_mul_ps(d[r], _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                    _mm_loadu_si128((const __m128i *)(bp[r]->qs + sub * 16)))));
+                int64_t c = blk * 2 + sub;
+                for (int t = 0; t < T; t++) {
+                    __m512 xv = _mm512_loadu_ps(xs[t] + c * 16);
+                    for (int r = 0; r < R; r++)
+                        acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                }
+            }
+        }
+    } else {
+        for (int64_t c = 0; c < nc; c++) {
+            __m512 wv[4];
+            for (int r = 0; r < R; r++)
+                wv[r] = w16_chunk(type, row + r * rb, c);
+            for (int t = 0; t < T; t++) {
+                __m512 xv = _mm512_loadu_ps(xs[t] + c * 16);
+                for (int r = 0; r < R; r++)
+                    acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+            }
+        }
+        int tail = (int)(cols - nc * 16);
+        if (tail) {
+            __mmask16 m = (__mmask16)((1u << tail) - 1u);
+            __m512 wv[4];
+            for (int r = 0; r < R; r++)
+                wv[r] = w16_tail(type, row + r * rb, nc, tail);
+            for (int t = 0; t < T; t++) {
+                __m512 xv = _mm512_maskz_loadu_ps(m, xs[t] + nc * 16);
+                for (int r = 0; r < R; r++)
+                    acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            out[r * T + t] = hsum16_avx512(acc[r][t]);
+}
+
+TIDE_AVX512 TIDE_INLINE void tile_any_avx512(int32_t type, const char *row, size_t rb, int64_t cols,
+                                             const float *const *xs, float *out, int R, int T) {
+#define TILE(r_, t_) \
+    if (R == r_ && T == t_) { tile_avx512(type, row, rb, cols, xs, out, r_, t_); return; }
+    TILE(4, 4) TILE(4, 3) TILE(4, 2) TILE(4, 1)
+    TILE(1, 4) TILE(1, 3) TILE(1, 2) TILE(1, 1)
+#undef TILE
+}
+
+TIDE_AVX512 TIDE_INLINE void matmul_block_avx512(const int32_t type, const cpu_wview *w, int64_t r0,
+                                                 int64_t r1, const cpu_tokens *ts, int32_t t0,
+                                                 int32_t t1) {
+    MATMUL_BLOCK_BODY(tile_any_avx512, 1)
+}
+
+TIDE_AVX512 static void matmul_block512_f32(const cpu_wview *w, int64_t r0, int64_t r1,
+                                            const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_F32, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX512 static void matmul_block512_f16(const cpu_wview *w, int64_t r0, int64_t r1,
+                                            const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_F16, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX512 static void matmul_block512_bf16(const cpu_wview *w, int64_t r0, int64_t r1,
+                                             const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_BF16, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX512 static void matmul_block512_q8_0(const cpu_wview *w, int64_t r0, int64_t r1,
+                                             const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_Q8_0, w, r0, r1, ts, t0, t1);
+}
+
+TIDE_AVX2 static float dot_f32_avx2(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t nc = n / 8;
+    for (int64_t c = 0; c < nc; c++)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c * 8), _mm256_loadu_ps(b + c * 8), acc);
+    int tail = (int)(n - nc * 8);
+    if (tail)
+        acc = _mm256_fmadd_ps(cpu_load_partial_avx2(a + nc * 8, tail),
+                              cpu_load_partial_avx2(b + nc * 8, tail), acc);
+    return cpu_hsum8_avx2(acc);
+}
+#endif /* TIDE_X86 */
+
+float cpu_dot_f32(const tide_cpu_features *f, const float *a, const float *b, int64_t n) {
+#ifdef TIDE_X86
+    if (f && f->avx2)
+        return dot_f32_avx2(a, b, n);
+#endif
+    (void)f;
+    float lanes[8] = {0};
+    for (int64_t i = 0; i < n; i++)
+        lanes[i & 7] += a[i] * b[i];
+    return cpu_hsum8_scalar(lanes);
+}
+
+/* Tokens per block: the x rows of a block stay in L2 (about 512 KiB) while the rows pass. */
+static int32_t token_block(int64_t cols) {
+    int64_t tb = (512 * 1024) / (cols * 4);
+    tb = tb / 4 * 4;
+    if (tb < 4)
+        tb = 4;
+    if (tb > 64)
+        tb = 64;
+    return (int32_t)tb;
+}
+
+void cpu_matmul_rows(const tide_cpu_features *f, const tide_matrix *m, int64_t r0, int64_t r1,
+                     const cpu_tokens *ts) {
+    cpu_wview v = {m->type, m->data, tide_row_bytes(m->type, m->cols), m->cols};
+    cpu_matmul_view_rows(f, &v, r0, r1, ts);
+}
+
+void cpu_matmul_view_rows(const tide_cpu_features *f, const cpu_wview *w, int64_t r0, int64_t r1,
+                          const cpu_tokens *ts) {
+    int32_t tb = token_block(w->cols);
+    for (int32_t t0 = 0; t0 < ts->n; t0 += tb) {
+        int32_t t1 = ts->n - t0 < tb ? ts->n : t0 + tb;
+#ifdef TIDE_X86
+        if (f && f->avx512) {
+            switch (w->type) {
+            case TIDE_TYPE_F32: matmul_block512_f32(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_F16: matmul_block512_f16(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_BF16: matmul_block512_bf16(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q8_0: matmul_block512_q8_0(w, r0, r1, ts, t0, t1); break;
+            }
+            continue;
+        }
+        if (f && f->avx2) {
+            switch (w->type) {
+            case TIDE_TYPE_F32: matmul_block_f32(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_F16: matmul_block_f16(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_BF16: matmul_block_bf16(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q8_0: matmul_block_q8_0(w, r0, r1, ts, t0, t1); break;
+            }
+            continue;
+        }
+#endif
+        matmul_rows_scalar(w, r0, r1, ts, t0, t1);
+    }
+}
+
+typedef struct {
+    tide_cpu_features f;
+    const tide_matrix *w;
+    cpu_tokens ts;
+} matmul_job;
+
+static void matmul_range(void *p, int64_t r0, int64_t r1) {
+    matmul_job *j = p;
+    cpu_matmul_rows(&j->f, j->w, r0, r1, &j->ts);
+}
+
+/* Rows per thread chunk are rounded to groups of 4 so every thread uses full tiles. */
+static void matmul_thread(void *p, int ith, int nth) {
+    matmul_job *j = p;
+    int64_t groups = (j->w->rows + 3) / 4, b, e;
+    tide_chunk(groups, ith, nth, &b, &e);
+    b *= 4;
+    e *= 4;
+    if (e > j->w->rows)
+        e = j->w->rows;
+    if (b < e)
+        matmul_range(j, b, e);
+}
+
+tide_status cpu_matmul(tide_pool *pool, const tide_matrix *w, const float *x, int32_t n, float *y) {
+    if (!cpu_matrix_ok(w) || n < 0 || (n > 0 && (!x || !y)))
+        return TIDE_ERR_ARG;
+    if (n == 0 || w->rows == 0)
+        return TIDE_OK;
+    matmul_job j = {tide_pool_features(pool), w, {x, w->cols, NULL, y, w->rows, NULL, n}};
+    tide_pool_run(pool, matmul_thread, &j);
+    return TIDE_OK;
+}
