@@ -22,6 +22,10 @@
 #include <stdint.h>
 #include <stddef.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct tide_backend tide_backend;
 struct tide_pool; /* threadpool.h */
 
@@ -134,4 +138,7 @@ tide_status tide_backend_cuda_new(int32_t device, uint64_t memory, tide_backend 
 int tide_backend_cuda_available(char *err, size_t err_len);
 #endif
 
+#ifdef __cplusplus
+}
+#endif
 #endif /* TIDE_BACKEND_H */

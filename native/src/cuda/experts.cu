@@ -1,0 +1,197 @@
+/* experts.cu: one MoE layer's device experts in two launches, whatever the number of experts.
+ *
+ *   1. gate/up: grid (row tile, job). A warp takes 4 rows of gate and the same 4 rows of up of
+ *      its job's expert, runs them over the job's token rows 4 at a time (x rows gathered
+ *      through pair_token), and writes hidden[p][r] = silu(gate) * up for each pair p of the job.
+ *   2. down: grid (row tile, job). A warp takes 4 rows of down over the hidden rows of the job's
+ *      pairs and writes them to out[pair_dest[p]].
+ *
+ * The batch metadata (the job table and the pair lists) goes to the device in one async copy
+ * through the parameter arena. Every job must have the same shapes and weight type (one layer's
+ * experts always do); the kernels are memory-bound for the usual 1-8 pairs per expert.
+ */
+#include "rowdot.cuh"
+
+#include <algorithm>
+
+namespace tide_cuda {
+
+enum { EX_WARPS = 4, EX_RGU = 4, EX_RD = 4, EX_T = 4 }; /* rows per warp: gate+up, down */
+
+struct job_desc {
+    const char *gate, *up, *down;
+    int32_t p0, p1; /* pairs p0 .. p1-1 */
+};
+
+__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
+
+template <int WT>
+__global__ void __launch_bounds__(EX_WARPS * 32)
+k_gate_up(const job_desc *__restrict__ jobs, const int32_t *__restrict__ pair_token,
+          const float *__restrict__ x, int32_t dim, int32_t n_ff, size_t rb, bool vec,
+          float *__restrict__ hidden) {
+    const job_desc j = jobs[blockIdx.y];
+    if (j.p0 >= j.p1) return;
+    const int lane = threadIdx.x & 31;
+    const int r0 = (blockIdx.x * EX_WARPS + (threadIdx.x >> 5)) * EX_RGU;
+    if (r0 >= n_ff) return;
+    const char *gp[EX_RGU], *up[EX_RGU];
+#pragma unroll
+    for (int r = 0; r < EX_RGU; r++) {
+        size_t off = (size_t)min(r0 + r, n_ff - 1) * rb;
+        gp[r] = j.gate + off;
+        up[r] = j.up + off;
+    }
+    for (int p = j.p0; p < j.p1; p += EX_T) {
+        const float *xs[EX_T];
+#pragma unroll
+        for (int t = 0; t < EX_T; t++) xs[t] = x + (int64_t)pair_token[min(p + t, j.p1 - 1)] * dim;
+        /* gate, then up (the x rows come from L1 the second time); fusing both into one pass of
+         * 8 rows needs ~210 registers and halves the warps per SM: no more bytes in flight */
+        float g[EX_RGU][EX_T], u[EX_RGU][EX_T];
+        warp_rowdot<WT, EX_RGU, EX_T, 2>(gp, xs, dim, vec, g);
+        warp_rowdot<WT, EX_RGU, EX_T, 2>(up, xs, dim, vec, u);
+#pragma unroll
+        for (int r = 0; r < EX_RGU; r++)
+#pragma unroll
+            for (int t = 0; t < EX_T; t++)
+                if (((r * EX_T + t) & 31) == lane && r0 + r < n_ff && p + t < j.p1)
+                    hidden[(int64_t)(p + t) * n_ff + r0 + r] = silu_f(g[r][t]) * u[r][t];
+    }
+}
+
+template <int WT>
+__global__ void __launch_bounds__(EX_WARPS * 32)
+k_down(const job_desc *__restrict__ jobs, const int32_t *__restrict__ pair_dest,
+       const float *__restrict__ hidden, int32_t dim, int32_t n_ff, size_t rb, bool vec,
+       float *__restrict__ out) {
+    const job_desc j = jobs[blockIdx.y];
+    if (j.p0 >= j.p1) return;
+    const int lane = threadIdx.x & 31;
+    const int r0 = (blockIdx.x * EX_WARPS + (threadIdx.x >> 5)) * EX_RD;
+    if (r0 >= dim) return;
+    const char *dp[EX_RD];
+#pragma unroll
+    for (int r = 0; r < EX_RD; r++) dp[r] = j.down + (size_t)min(r0 + r, dim - 1) * rb;
+    for (int p = j.p0; p < j.p1; p += EX_T) {
+        const float *hs[EX_T];
+#pragma unroll
+        for (int t = 0; t < EX_T; t++) hs[t] = hidden + (int64_t)min(p + t, j.p1 - 1) * n_ff;
+        float acc[EX_RD][EX_T];
+        warp_rowdot<WT, EX_RD, EX_T, 2>(dp, hs, n_ff, vec, acc);
+#pragma unroll
+        for (int r = 0; r < EX_RD; r++)
+#pragma unroll
+            for (int t = 0; t < EX_T; t++)
+                if (((r * EX_T + t) & 31) == lane && r0 + r < dim && p + t < j.p1)
+                    out[(int64_t)pair_dest[p + t] * dim + r0 + r] = acc[r][t];
+    }
+}
+
+template <int WT>
+static tide_status launch_typed(tide_backend *be, const job_desc *jobs_d, int32_t n_jobs,
+                                const int32_t *tok_d, const int32_t *dest_d, const float *x,
+                                int32_t dim, int32_t n_ff, size_t rb_gu, size_t rb_d, bool vec_gu,
+                                bool vec_d, float *hidden, float *out) {
+    state *st = S(be);
+    dim3 g1(div_up(n_ff, EX_WARPS * EX_RGU), (unsigned)n_jobs);
+    TCU_LAUNCH(k_gate_up<WT>, g1, EX_WARPS * 32, 0, st->compute)(jobs_d, tok_d, x, dim, n_ff, rb_gu, vec_gu,
+                                                        hidden);
+    TCU_LAUNCHED(be, "experts gate/up kernel launch");
+    dim3 g2(div_up(dim, EX_WARPS * EX_RD), (unsigned)n_jobs);
+    TCU_LAUNCH(k_down<WT>, g2, EX_WARPS * 32, 0, st->compute)(jobs_d, dest_d, hidden, dim, n_ff, rb_d, vec_d,
+                                                     out);
+    TCU_LAUNCHED(be, "experts down kernel launch");
+    return TIDE_OK;
+}
+
+tide_status launch_experts(tide_backend *be, const tide_expert_batch *b, const float *x, int32_t dim,
+                           float *out) {
+    if (!b || !x || !out || dim <= 0 || b->n_jobs < 0)
+        return failf(be, TIDE_ERR_ARG, "experts: bad arguments");
+    if (b->n_jobs == 0) return TIDE_OK;
+    if (b->n_jobs > 65535) return failf(be, TIDE_ERR_ARG, "experts: %d jobs (at most 65535)", b->n_jobs);
+    const int32_t n_jobs = b->n_jobs;
+    const int32_t n_pairs = b->pair_start[n_jobs];
+    if (b->pair_start[0] < 0 || n_pairs < b->pair_start[0])
+        return failf(be, TIDE_ERR_ARG, "experts: bad pair_start (%d .. %d)", b->pair_start[0], n_pairs);
+    if (n_pairs == b->pair_start[0]) return TIDE_OK;
+    for (int32_t p = b->pair_start[0]; p < n_pairs; p++)
+        if (b->pair_token[p] < 0 || b->pair_dest[p] < 0)
+            return failf(be, TIDE_ERR_ARG, "experts: pair %d has token %d, dest %d", p, b->pair_token[p],
+                         b->pair_dest[p]);
+
+    /* every job: same type and shapes, gate/up [n_ff, dim], down [dim, n_ff] */
+    const int32_t type = b->gate[0].type;
+    const int64_t n_ff = b->gate[0].rows;
+    if (n_ff <= 0 || n_ff > INT32_MAX) return failf(be, TIDE_ERR_ARG, "experts: bad n_ff %lld", (long long)n_ff);
+    bool aligned = true;
+    std::vector<job_desc> jobs;
+    try {
+        jobs.resize((size_t)n_jobs);
+    } catch (...) {
+        return failf(be, TIDE_ERR_NOMEM, "experts: host out of memory");
+    }
+    for (int32_t j = 0; j < n_jobs; j++) {
+        const tide_matrix *g = &b->gate[j], *u = &b->up[j], *d = &b->down[j];
+        if (g->type != type || u->type != type || d->type != type)
+            return failf(be, TIDE_ERR_UNSUPPORTED, "experts: job %d mixes weight types (%d, %d, %d; first job %d)",
+                         j, (int)g->type, (int)u->type, (int)d->type, (int)type);
+        if (g->rows != n_ff || u->rows != n_ff || g->cols != dim || u->cols != dim || d->rows != dim ||
+            d->cols != n_ff)
+            return failf(be, TIDE_ERR_ARG,
+                         "experts: job %d shapes gate %lldx%lld up %lldx%lld down %lldx%lld, expected "
+                         "%lldx%d, %lldx%d, %dx%lld",
+                         j, (long long)g->rows, (long long)g->cols, (long long)u->rows, (long long)u->cols,
+                         (long long)d->rows, (long long)d->cols, (long long)n_ff, dim, (long long)n_ff,
+                         dim, dim, (long long)n_ff);
+        if (b->pair_start[j + 1] < b->pair_start[j])
+            return failf(be, TIDE_ERR_ARG, "experts: pair_start decreases at job %d", j);
+        if (!g->data || !u->data || !d->data)
+            return failf(be, TIDE_ERR_ARG, "experts: job %d has a NULL weight", j);
+        aligned = aligned && (((uintptr_t)g->data | (uintptr_t)u->data | (uintptr_t)d->data) & 15) == 0;
+        jobs[(size_t)j] = job_desc{(const char *)g->data, (const char *)u->data, (const char *)d->data,
+                                   b->pair_start[j], b->pair_start[j + 1]};
+    }
+    const size_t rb_gu = row_bytes(type, dim), rb_d = row_bytes(type, n_ff);
+    if (rb_gu == 0 || (type == TIDE_TYPE_Q8_0 && (dim % 32 != 0 || n_ff % 32 != 0)))
+        return failf(be, TIDE_ERR_UNSUPPORTED, "experts: weight type %d with dims %d, %lld not supported",
+                     (int)type, dim, (long long)n_ff);
+
+    state *st = S(be);
+    tide_status rc = scratch_reserve(be, (void **)&st->hidden, &st->hidden_bytes,
+                                     (size_t)n_pairs * (size_t)n_ff * sizeof(float));
+    if (rc != TIDE_OK) return rc;
+
+    const void *srcs[3] = {jobs.data(), b->pair_token, b->pair_dest};
+    const size_t ns[3] = {jobs.size() * sizeof(job_desc), (size_t)n_pairs * 4, (size_t)n_pairs * 4};
+    void *dp[3];
+    rc = arena_put_many(be, 3, srcs, ns, dp);
+    if (rc != TIDE_OK) return rc;
+
+    bool vec_gu = ((uintptr_t)x & 15) == 0 && dim % 8 == 0;
+    bool vec_d = n_ff % 8 == 0; /* hidden comes from cudaMalloc: aligned */
+    if (type != TIDE_TYPE_Q8_0) {
+        vec_gu = vec_gu && aligned && rb_gu % 16 == 0;
+        vec_d = vec_d && aligned && rb_d % 16 == 0;
+    }
+    const job_desc *jd = (const job_desc *)dp[0];
+    const int32_t *td = (const int32_t *)dp[1], *dd = (const int32_t *)dp[2];
+    switch (type) {
+    case TIDE_TYPE_F32:
+        return launch_typed<TIDE_TYPE_F32>(be, jd, n_jobs, td, dd, x, dim, (int32_t)n_ff, rb_gu, rb_d,
+                                           vec_gu, vec_d, st->hidden, out);
+    case TIDE_TYPE_F16:
+        return launch_typed<TIDE_TYPE_F16>(be, jd, n_jobs, td, dd, x, dim, (int32_t)n_ff, rb_gu, rb_d,
+                                           vec_gu, vec_d, st->hidden, out);
+    case TIDE_TYPE_BF16:
+        return launch_typed<TIDE_TYPE_BF16>(be, jd, n_jobs, td, dd, x, dim, (int32_t)n_ff, rb_gu, rb_d,
+                                            vec_gu, vec_d, st->hidden, out);
+    case TIDE_TYPE_Q8_0:
+        return launch_typed<TIDE_TYPE_Q8_0>(be, jd, n_jobs, td, dd, x, dim, (int32_t)n_ff, rb_gu, rb_d,
+                                            vec_gu, vec_d, st->hidden, out);
+    }
+    return failf(be, TIDE_ERR_UNSUPPORTED, "experts: unknown weight type %d", (int)type);
+}
+
+} // namespace tide_cuda
