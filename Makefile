@@ -9,11 +9,13 @@
 PYTHON  ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
+BUILD_ROOT := build
 NVCC    ?= $(shell command -v nvcc 2>/dev/null)
 CUDA    ?= $(if $(NVCC),1,0)
+# objects of the CUDA and CPU-only builds apart, so switching CUDA= never mixes them
+BUILD   := $(BUILD_ROOT)/$(if $(filter 1,$(CUDA)),cuda-on,cuda-off)
 # nvcc may be a wrapper script (e.g. /usr/local/bin/nvcc): ask it where its toolkit is.
 CUDA_HOME ?= $(realpath $(firstword $(if $(NVCC),$(shell $(NVCC) --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^\#\$$ TOP=//p')) $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))))
-BUILD   := build
 LIB     := tide_cpp/libtide.so
 
 CC      ?= cc
@@ -55,8 +57,13 @@ all: lib
 lib: $(LIB)
 
 # Linked beside and renamed, so a process that has the library loaded never sees it half-written.
-$(LIB): $(LINK_OBJS)
-	$(CC) -shared -o $@.tmp $^ $(LDLIBS)
+# A stamp per configuration: switching CUDA= relinks even when every object is older.
+LIB_CONFIG := $(BUILD_ROOT)/lib-config-cuda$(CUDA)
+$(LIB_CONFIG):
+	@mkdir -p $(BUILD_ROOT) && rm -f $(BUILD_ROOT)/lib-config-* && touch $@
+
+$(LIB): $(LINK_OBJS) $(LIB_CONFIG)
+	$(CC) -shared -o $@.tmp $(LINK_OBJS) $(LDLIBS)
 	mv -f $@.tmp $@
 
 $(BUILD)/%.o: native/src/%.c $(HDRS)
@@ -85,7 +92,7 @@ run: setup
 	    --device auto --policy tide --gpu-experts 4 --refresh-interval 4
 
 NATIVE_TESTS := $(patsubst native/tests/%.c,$(BUILD)/tests/%,$(wildcard native/tests/test_*.c))
-$(BUILD)/tests/%: native/tests/%.c $(C_SRCS) $(HDRS)
+$(BUILD)/tests/%: native/tests/%.c native/tests/check.h $(C_SRCS) $(HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) -o $@ $< $(C_SRCS) $(TEST_LDLIBS)
 
@@ -113,4 +120,4 @@ fuzz:
 	$(BUILD)/fuzz/fuzz_gguf -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $(BUILD)/fuzz/corpus native/fuzz/seeds
 
 clean:
-	rm -rf $(BUILD) $(LIB)
+	rm -rf $(BUILD_ROOT) $(LIB)

@@ -28,17 +28,6 @@ tide_status tide_ctx_be_fail(tide_context *ctx, tide_status st, const char *what
     return tide_ctx_fail(ctx, st, "%s: %s", what, ctx->be->err[0] ? ctx->be->err : "backend error");
 }
 
-static tide_status err_out(char *err, size_t err_len, tide_status st, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static tide_status err_out(char *err, size_t err_len, tide_status st, const char *fmt, ...) {
-    if (err && err_len) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_len, fmt, ap);
-        va_end(ap);
-    }
-    return st;
-}
 
 tide_context_params tide_context_default_params(void) {
     tide_context_params p;
@@ -56,7 +45,7 @@ int tide_cuda_available(char *err, size_t err_len) {
 #ifdef TIDE_CUDA
     return tide_backend_cuda_available(err, err_len);
 #else
-    err_out(err, err_len, TIDE_ERR_UNSUPPORTED, "this build of tide.cpp has no CUDA backend");
+    tide_errf(err, err_len, TIDE_ERR_UNSUPPORTED, "this build of tide.cpp has no CUDA backend");
     return 0;
 #endif
 }
@@ -254,20 +243,20 @@ static tide_status check_residency_args(const tide_model *m, int32_t policy, int
                                         const int32_t *budgets, int32_t n_budgets,
                                         int32_t refresh_interval, char *err, size_t err_len) {
     if (policy < TIDE_POLICY_GPU || policy > TIDE_POLICY_TIDE)
-        return err_out(err, err_len, TIDE_ERR_ARG, "policy: unknown policy %d", policy);
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "policy: unknown policy %d", policy);
     if (refresh_interval < 1)
-        return err_out(err, err_len, TIDE_ERR_ARG, "refresh_interval: %d, must be >= 1",
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "refresh_interval: %d, must be >= 1",
                        refresh_interval);
     if (budgets) {
         if (n_budgets != m->n_moe)
-            return err_out(err, err_len, TIDE_ERR_ARG,
+            return tide_errf(err, err_len, TIDE_ERR_ARG,
                            "budgets: %d entries, the model has %d MoE layers", n_budgets, m->n_moe);
         for (int32_t i = 0; i < n_budgets; i++)
             if (budgets[i] < 0)
-                return err_out(err, err_len, TIDE_ERR_ARG, "budgets[%d]: %d is negative", i,
+                return tide_errf(err, err_len, TIDE_ERR_ARG, "budgets[%d]: %d is negative", i,
                                budgets[i]);
     } else if (budget < 0) {
-        return err_out(err, err_len, TIDE_ERR_ARG, "budget: %d is negative", budget);
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "budget: %d is negative", budget);
     }
     return TIDE_OK;
 }
@@ -275,21 +264,21 @@ static tide_status check_residency_args(const tide_model *m, int32_t policy, int
 tide_status tide_context_create(const tide_model *model, const tide_context_params *params,
                                 tide_context **out, char *err, size_t err_len) {
     if (err && err_len) err[0] = 0;
-    if (!out) return err_out(err, err_len, TIDE_ERR_ARG, "out is NULL");
+    if (!out) return tide_errf(err, err_len, TIDE_ERR_ARG, "out is NULL");
     *out = NULL;
-    if (!model) return err_out(err, err_len, TIDE_ERR_ARG, "model is NULL");
+    if (!model) return tide_errf(err, err_len, TIDE_ERR_ARG, "model is NULL");
     tide_context_params p = params ? *params : tide_context_default_params();
     const tide_hparams *hp = &model->hp;
     if (p.device < TIDE_DEVICE_CPU || p.device > TIDE_DEVICE_CUDA)
-        return err_out(err, err_len, TIDE_ERR_ARG, "device: unknown device %d", p.device);
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "device: unknown device %d", p.device);
     tide_status st = check_residency_args(model, p.policy, p.budget, p.budgets, p.n_budgets,
                                           p.refresh_interval, err, err_len);
     if (st != TIDE_OK) return st;
     if (p.n_ctx <= 0) p.n_ctx = hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
-    if (p.n_ctx > (1 << 22)) return err_out(err, err_len, TIDE_ERR_ARG, "n_ctx: %d too large", p.n_ctx);
+    if (p.n_ctx > (1 << 22)) return tide_errf(err, err_len, TIDE_ERR_ARG, "n_ctx: %d too large", p.n_ctx);
 
     tide_context *ctx = calloc(1, sizeof *ctx);
-    if (!ctx) return err_out(err, err_len, TIDE_ERR_NOMEM, "out of memory");
+    if (!ctx) return tide_errf(err, err_len, TIDE_ERR_NOMEM, "out of memory");
     ctx->model = model;
     ctx->params = p;
     ctx->params.budgets = NULL; /* not kept: the caller's array */
@@ -298,7 +287,7 @@ tide_status tide_context_create(const tide_model *model, const tide_context_para
     ctx->refresh_interval = p.refresh_interval;
 
     if ((st = tide_pool_new(p.n_threads, &ctx->pool)) != TIDE_OK) {
-        err_out(err, err_len, st, "could not start %d threads", p.n_threads);
+        tide_errf(err, err_len, st, "could not start %d threads", p.n_threads);
         goto fail;
     }
     switch (p.device) {
@@ -315,14 +304,14 @@ tide_status tide_context_create(const tide_model *model, const tide_context_para
         st = tide_backend_cuda_new(p.cuda_device, p.device_memory, &ctx->be, err, err_len);
         if (st != TIDE_OK) goto fail;
 #else
-        st = err_out(err, err_len, TIDE_ERR_UNSUPPORTED,
+        st = tide_errf(err, err_len, TIDE_ERR_UNSUPPORTED,
                      "device: this build of tide.cpp has no CUDA backend (rebuild with nvcc)");
         goto fail;
 #endif
         break;
     }
     if (st != TIDE_OK) {
-        err_out(err, err_len, st, "could not create the backend");
+        tide_errf(err, err_len, st, "could not create the backend");
         goto fail;
     }
 
@@ -351,7 +340,7 @@ tide_status tide_context_create(const tide_model *model, const tide_context_para
     *out = ctx;
     return TIDE_OK;
 fail_ctx:
-    err_out(err, err_len, st, "%s", ctx->err);
+    tide_errf(err, err_len, st, "%s", ctx->err);
 fail:
     tide_context_free(ctx);
     return st;

@@ -8,9 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static tide_status fail(char *err, size_t err_len, tide_status st, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static tide_status fail(char *err, size_t err_len, tide_status st, const char *fmt, ...) {
+tide_status tide_errf(char *err, size_t err_len, tide_status st, const char *fmt, ...) {
     if (err && err_len) {
         va_list ap;
         va_start(ap, fmt);
@@ -30,7 +28,7 @@ static tide_status get_i32(gguf_file *g, const char *key, int32_t *out, int32_t 
     tide_status st = gguf_get_u32(g, key, &v, err, err_len);
     if (st != TIDE_OK) return st;
     if ((int64_t)v < lo || (int64_t)v > hi)
-        return fail(err, err_len, TIDE_ERR_MODEL, "key '%s' = %u, expected %d..%d", key, v, lo, hi);
+        return tide_errf(err, err_len, TIDE_ERR_MODEL, "key '%s' = %u, expected %d..%d", key, v, lo, hi);
     *out = (int32_t)v;
     return TIDE_OK;
 }
@@ -48,7 +46,7 @@ static tide_status read_hparams(gguf_file *g, tide_hparams *hp, char *err, size_
     tide_status st = gguf_get_str(g, "general.architecture", &arch, &arch_len, err, err_len);
     if (st != TIDE_OK) return st;
     if (arch_len != 6 || memcmp(arch, "llada2", 6) != 0)
-        return fail(err, err_len, TIDE_ERR_MODEL,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                     "general.architecture is '%.*s', expected 'llada2'", (int)(arch_len > 64 ? 64 : arch_len), arch);
     memset(hp, 0, sizeof *hp);
     const int32_t BIG = 1 << 24;
@@ -99,39 +97,39 @@ static tide_status read_hparams(gguf_file *g, tide_hparams *hp, char *err, size_
 #undef F
     /* relations between values */
     if (gating != 2)
-        return fail(err, err_len, TIDE_ERR_MODEL,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                     "key 'llada2.expert_gating_func' = %d: only 2 (sigmoid) is supported", gating);
     if (v_len != hp->head_dim)
-        return fail(err, err_len, TIDE_ERR_MODEL,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                     "key 'llada2.attention.value_length' = %d differs from key_length %d", v_len,
                     hp->head_dim);
     if (hp->n_head % hp->n_head_kv)
-        return fail(err, err_len, TIDE_ERR_MODEL,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                     "key 'llada2.attention.head_count' = %d is not a multiple of head_count_kv %d",
                     hp->n_head, hp->n_head_kv);
     if (hp->rope_dim % 2)
-        return fail(err, err_len, TIDE_ERR_MODEL, "key 'llada2.rope.dimension_count' = %d is odd",
+        return tide_errf(err, err_len, TIDE_ERR_MODEL, "key 'llada2.rope.dimension_count' = %d is odd",
                     hp->rope_dim);
     if (hp->n_expert % hp->n_expert_groups)
-        return fail(err, err_len, TIDE_ERR_MODEL,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                     "key 'llada2.expert_count' = %d is not a multiple of expert_group_count %d",
                     hp->n_expert, hp->n_expert_groups);
     if (hp->n_expert_used > hp->n_group_used * (hp->n_expert / hp->n_expert_groups))
-        return fail(err, err_len, TIDE_ERR_MODEL,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                     "key 'llada2.expert_used_count' = %d exceeds the experts of %d groups of %d",
                     hp->n_expert_used, hp->n_group_used, hp->n_expert / hp->n_expert_groups);
     if (hp->n_dense_lead > 0 && hp->n_ff < 1)
-        return fail(err, err_len, TIDE_ERR_MODEL,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                     "key 'llada2.feed_forward_length' = %d but there are %d dense layers", hp->n_ff,
                     hp->n_dense_lead);
     if (!(hp->rms_eps > 0.0f) || !(hp->rms_eps < 1.0f))
-        return fail(err, err_len, TIDE_ERR_MODEL,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                     "key 'llada2.attention.layer_norm_rms_epsilon' = %g out of (0, 1)", (double)hp->rms_eps);
     if (!(hp->rope_theta > 0.0f) || hp->rope_theta != hp->rope_theta)
-        return fail(err, err_len, TIDE_ERR_MODEL, "key 'llada2.rope.freq_base' = %g, expected > 0",
+        return tide_errf(err, err_len, TIDE_ERR_MODEL, "key 'llada2.rope.freq_base' = %g, expected > 0",
                     (double)hp->rope_theta);
     if (hp->expert_weights_scale != hp->expert_weights_scale)
-        return fail(err, err_len, TIDE_ERR_MODEL, "key 'llada2.expert_weights_scale' is NaN");
+        return tide_errf(err, err_len, TIDE_ERR_MODEL, "key 'llada2.expert_weights_scale' is NaN");
     /* tokenizer ids: EOS and mask drive generation; BOS and PAD are informative */
     st = get_tok_id(g, "tokenizer.ggml.eos_token_id", hp->n_vocab, 1, &hp->eos_id, err, err_len);
     if (st != TIDE_OK) return st;
@@ -153,7 +151,7 @@ static const char *type_name(int32_t t) { return gguf_type_name(t); }
 static tide_status tensor(gguf_file *g, const char *name, int64_t ne0, int64_t ne1, int f32_only,
                           const gguf_tensor_info **out, char *err, size_t err_len) {
     const gguf_tensor_info *t = gguf_find_tensor(g, name);
-    if (!t) return fail(err, err_len, TIDE_ERR_MODEL, "tensor '%s' is missing", name);
+    if (!t) return tide_errf(err, err_len, TIDE_ERR_MODEL, "tensor '%s' is missing", name);
     int want_dims = ne1 < 0 ? 1 : 2;
     int ok_shape = t->ne[2] == 1 && t->ne[3] == 1 && t->ne[0] == ne0 &&
                    (want_dims == 1 ? t->ne[1] == 1 : t->ne[1] == ne1);
@@ -164,31 +162,31 @@ static tide_status tensor(gguf_file *g, const char *name, int64_t ne0, int64_t n
             n += snprintf(got + n, sizeof got - (size_t)n, "%s%lld", d ? ", " : "", (long long)t->ne[d]);
         if (want_dims == 1) snprintf(exp, sizeof exp, "%lld", (long long)ne0);
         else snprintf(exp, sizeof exp, "%lld, %lld", (long long)ne0, (long long)ne1);
-        return fail(err, err_len, TIDE_ERR_MODEL, "tensor '%s': shape [%s], expected [%s]", name,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL, "tensor '%s': shape [%s], expected [%s]", name,
                     got, exp);
     }
     int is_vec = want_dims == 1;
     if ((is_vec || f32_only) && t->type != TIDE_TYPE_F32)
-        return fail(err, err_len, TIDE_ERR_MODEL, "tensor '%s': type %s (%d), expected f32", name,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL, "tensor '%s': type %s (%d), expected f32", name,
                     type_name(t->type), t->type);
     if (!is_vec) {
         if (t->type != TIDE_TYPE_F32 && t->type != TIDE_TYPE_F16 && t->type != TIDE_TYPE_BF16 &&
             t->type != TIDE_TYPE_Q8_0)
-            return fail(err, err_len, TIDE_ERR_MODEL,
+            return tide_errf(err, err_len, TIDE_ERR_MODEL,
                         "tensor '%s': type %s (%d) is not supported (f32, f16, bf16, q8_0)", name,
                         type_name(t->type), t->type);
         size_t rb = tide_row_bytes(t->type, ne0);
         if (rb == 0 || (uint64_t)rb * (uint64_t)ne1 != t->nbytes)
-            return fail(err, err_len, TIDE_ERR_MODEL,
+            return tide_errf(err, err_len, TIDE_ERR_MODEL,
                         "tensor '%s': %llu bytes do not make [%lld, %lld] of %s", name,
                         (unsigned long long)t->nbytes, (long long)ne0, (long long)ne1,
                         type_name(t->type));
     } else if (t->nbytes != (uint64_t)ne0 * 4) {
-        return fail(err, err_len, TIDE_ERR_MODEL, "tensor '%s': %llu bytes, expected %lld", name,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL, "tensor '%s': %llu bytes, expected %lld", name,
                     (unsigned long long)t->nbytes, (long long)ne0 * 4);
     }
     if (((uintptr_t)t->data & 3) != 0)
-        return fail(err, err_len, TIDE_ERR_MODEL, "tensor '%s': data not 4-byte aligned", name);
+        return tide_errf(err, err_len, TIDE_ERR_MODEL, "tensor '%s': data not 4-byte aligned", name);
     *out = t;
     return TIDE_OK;
 }
@@ -230,9 +228,9 @@ static void model_free(tide_model *m) {
 
 tide_status tide_model_open(const char *path, tide_model **out, char *err, size_t err_len) {
     *out = NULL;
-    if (!path) return fail(err, err_len, TIDE_ERR_ARG, "path is NULL");
+    if (!path) return tide_errf(err, err_len, TIDE_ERR_ARG, "path is NULL");
     tide_model *m = calloc(1, sizeof *m);
-    if (!m) return fail(err, err_len, TIDE_ERR_NOMEM, "out of memory");
+    if (!m) return tide_errf(err, err_len, TIDE_ERR_NOMEM, "out of memory");
     tide_status st = gguf_open(path, &m->gguf, err, err_len);
     if (st != TIDE_OK) {
         free(m);
@@ -246,7 +244,7 @@ tide_status tide_model_open(const char *path, tide_model **out, char *err, size_
     m->expert_range = calloc((size_t)(m->n_moe > 0 ? m->n_moe : 1), sizeof *m->expert_range);
     m->expert_range_bytes = calloc((size_t)(m->n_moe > 0 ? m->n_moe : 1), sizeof(size_t));
     if (!m->w.layers || !m->expert_range || !m->expert_range_bytes) {
-        st = fail(err, err_len, TIDE_ERR_NOMEM, "out of memory");
+        st = tide_errf(err, err_len, TIDE_ERR_NOMEM, "out of memory");
         goto fail;
     }
     const int64_t H = hp->n_embd, hd = hp->head_dim, V = hp->n_vocab;
@@ -261,7 +259,7 @@ tide_status tide_model_open(const char *path, tide_model **out, char *err, size_
         uint64_t n;
         CHECK(gguf_get_arr_info(g, "tokenizer.ggml.tokens", &et, &n, err, err_len));
         if (n != (uint64_t)V) {
-            st = fail(err, err_len, TIDE_ERR_MODEL,
+            st = tide_errf(err, err_len, TIDE_ERR_MODEL,
                       "tokenizer.ggml.tokens has %llu entries, expected vocab_size %lld",
                       (unsigned long long)n, (long long)V);
             goto fail;
@@ -352,7 +350,7 @@ tide_status tide_model_open(const char *path, tide_model **out, char *err, size_
         L->exp_up = calloc((size_t)E, sizeof(tide_matrix));
         L->exp_down = calloc((size_t)E, sizeof(tide_matrix));
         if (!L->exp_gate || !L->exp_up || !L->exp_down) {
-            st = fail(err, err_len, TIDE_ERR_NOMEM, "out of memory");
+            st = tide_errf(err, err_len, TIDE_ERR_NOMEM, "out of memory");
             goto fail;
         }
         const char *lo = NULL, *hi = NULL;
@@ -368,7 +366,7 @@ tide_status tide_model_open(const char *path, tide_model **out, char *err, size_
             const gguf_tensor_info *ts[3] = {tg, tu, td};
             for (int k = 0; k < 3; k++) {
                 if (ts[k]->type != expert_type) {
-                    st = fail(err, err_len, TIDE_ERR_MODEL,
+                    st = tide_errf(err, err_len, TIDE_ERR_MODEL,
                               "tensor '%s': type %s, but the routed experts are %s", ts[k]->name,
                               type_name(ts[k]->type), type_name(expert_type));
                     goto fail;
@@ -397,7 +395,7 @@ fail:
 
 tide_status tide_model_load(const char *path, tide_model **out, char *err, size_t err_len) {
     if (err && err_len) err[0] = 0;
-    if (!out) return fail(err, err_len, TIDE_ERR_ARG, "out is NULL");
+    if (!out) return tide_errf(err, err_len, TIDE_ERR_ARG, "out is NULL");
     return tide_model_open(path, out, err, err_len);
 }
 

@@ -56,6 +56,10 @@ struct tide_model {
 
 /* Parse and validate; on failure err names the cause. */
 tide_status tide_model_open(const char *path, tide_model **out, char *err, size_t err_len);
+/* Write a formatted message into the caller's buffer (if any) and return st: the error path of
+ * every call that has no context yet. */
+tide_status tide_errf(char *err, size_t err_len, tide_status st, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 /* ---- run state: every activation buffer, named for what it holds (device memory) ----------- */
 typedef struct {

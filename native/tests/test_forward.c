@@ -15,19 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static int n_pass, n_fail;
-
-#define CHECK(cond, ...)                                                                      \
-    do {                                                                                      \
-        if (cond) {                                                                           \
-            n_pass++;                                                                         \
-        } else {                                                                              \
-            n_fail++;                                                                         \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                   \
-            fprintf(stderr, __VA_ARGS__);                                                     \
-            fprintf(stderr, "\n");                                                            \
-        }                                                                                     \
-    } while (0)
+#include "check.h"
 
 static int make_gguf(const char *path) {
     const char *py = getenv("TIDE_PYTHON");
@@ -226,6 +214,5 @@ int main(void) {
     tide_model_free(model);
     unlink(path);
     rmdir(dir);
-    printf("test_forward: %d passed, %d failed\n", n_pass, n_fail);
-    return n_fail ? 1 : 0;
+    return check_report("test_forward");
 }

@@ -12,19 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static int n_pass, n_fail;
-
-#define CHECK(cond, ...)                                                                          \
-    do {                                                                                          \
-        if (cond) {                                                                               \
-            n_pass++;                                                                             \
-        } else {                                                                                  \
-            n_fail++;                                                                             \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                       \
-            fprintf(stderr, __VA_ARGS__);                                                         \
-            fprintf(stderr, "\n");                                                                \
-        }                                                                                         \
-    } while (0)
+#include "check.h"
 
 /* ---- the writer ---------------------------------------------------------------------------- */
 
@@ -648,6 +636,5 @@ int main(void) {
     test_tensor_infos();
     test_many_tensors();
     test_no_tensors();
-    printf("test_gguf: %d passed, %d failed\n", n_pass, n_fail);
-    return n_fail != 0;
+    return check_report("test_gguf");
 }

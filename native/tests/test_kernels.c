@@ -15,16 +15,9 @@
 #include <string.h>
 #include <time.h>
 
-static int n_pass, n_fail;
+#include "check.h"
 
-static void check(int ok, const char *what) {
-    if (ok) {
-        n_pass++;
-    } else {
-        n_fail++;
-        printf("FAIL: %s\n", what);
-    }
-}
+static void check(int ok, const char *what) { CHECK(ok, "%s", what); }
 
 /* ---- data ----------------------------------------------------------------------------------- */
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
@@ -1106,6 +1099,5 @@ int main(void) {
     tide_pool_free(S2);
     tide_pool_free(A1);
     tide_pool_free(A2);
-    printf("%d passed, %d failed\n", n_pass, n_fail);
-    return n_fail ? 1 : 0;
+    return check_report("test_kernels");
 }

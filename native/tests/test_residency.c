@@ -10,19 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int n_pass, n_fail;
-
-#define CHECK(cond, ...)                                                                          \
-    do {                                                                                          \
-        if (cond) {                                                                               \
-            n_pass++;                                                                             \
-        } else {                                                                                  \
-            n_fail++;                                                                             \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                       \
-            fprintf(stderr, __VA_ARGS__);                                                         \
-            fprintf(stderr, "\n");                                                                \
-        }                                                                                         \
-    } while (0)
+#include "check.h"
 
 #define MAXE 64
 #define XB 1000 /* expert_bytes */
@@ -403,6 +391,5 @@ int main(void) {
     test_layers_and_switch();
     test_errors();
     test_random();
-    printf("test_residency: %d passed, %d failed\n", n_pass, n_fail);
-    return n_fail != 0;
+    return check_report("test_residency");
 }
