@@ -85,11 +85,16 @@ $(VENV)/.done: pyproject.toml
 setup: $(VENV)/.done lib
 
 # ---- the demo and the tests ---------------------------------------------------------------
-DEMO_MODEL ?= models/tide-demo.gguf
+DEMO_MODEL  ?= models/tide-demo.gguf
 DEMO_PROMPT ?= What is 37 plus 48?
+# The best device present: the GPU when one is usable, else the simulated device, so the expert
+# traffic of the tide policy is visible on any machine (cpu would show no residency at all).
 run: setup
+	@dev=$$($(VPY) -c "from tide_cpp import _lib; print('cuda' if _lib.cuda_available()[0] else 'sim')"); \
+	echo "tide.cpp demo: $(DEMO_MODEL) on device '$$dev', policy tide, 4 experts per layer resident"; \
+	echo ">>> $(DEMO_PROMPT)"; \
 	$(VENV)/bin/tide-cli generate -m $(DEMO_MODEL) --chat -p "$(DEMO_PROMPT)" \
-	    --device auto --policy tide --gpu-experts 4 --refresh-interval 4
+	    --device $$dev --policy tide --gpu-experts 4 --refresh-interval 4 --max-tokens 64
 
 NATIVE_TESTS := $(patsubst native/tests/%.c,$(BUILD)/tests/%,$(wildcard native/tests/test_*.c))
 $(BUILD)/tests/%: native/tests/%.c native/tests/check.h $(C_SRCS) $(HDRS)
