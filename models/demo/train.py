@@ -1,0 +1,329 @@
+"""Train the demo model: LLaDA2.0's architecture, LLaDA2.0's masked block-diffusion objective.
+
+    nice -n 5 python models/demo/train.py                 # train (resumes from work/state.pt)
+    python models/demo/train.py --export-only             # write the HF checkpoint from state
+    python -m convert models/demo/work/hf -o models/tide-demo.gguf --outtype bf16
+    models/demo/reproduce.sh                              # the shipped model: five stages
+
+The forward pass is tests/reference.py's (the engine's oracle), so the model is trained by exactly
+the architecture the engine runs. Objective, per sequence: one block b that holds answer tokens
+is the noised block; the blocks before it are clean (as the engine's cache of committed blocks),
+the blocks after it are invisible to it under the block-causal mask. t ~ U(0, 1), each answer
+token of block b is replaced by <|mask|> with probability p = (1 - eps) t + eps (prompt tokens
+never), loss = cross-entropy on the masked positions weighted by 1/p, summed and divided by the
+number of answer tokens in the noised blocks of the batch. Answers end with <|endoftext|> padded
+to the end of their block, as the released generate() leaves them. The block length is drawn per
+batch from 16 and 32 so the model runs at the engine's default (32) and with smaller blocks.
+
+Router: aux-loss-free balancing (DeepSeek-V3 / LLaDA2): after every step each MoE layer's
+expert_bias moves by bias_rate * sign(mean load - load), so every expert is used.
+Seeded and deterministic: the data stream, the masks and the initialization come from the seed.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import hf_checkpoint as hfc  # noqa: E402
+import reference  # noqa: E402
+from data import chat_text, sample  # noqa: E402
+from tokenizer import build_tokenizer  # noqa: E402
+
+WORK = os.path.join(HERE, "work")
+
+# The demo architecture: LLaDA2.0-mini's shape, shrunk (1 dense layer, then MoE layers with a
+# grouped sigmoid router, expert bias and one shared expert; QK-norm, partial RoPE 0.5, GQA).
+CONFIG = dict(
+    vocab_size=512,
+    hidden_size=128,
+    head_dim=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=5,
+    first_k_dense_replace=1,
+    intermediate_size=384,
+    moe_intermediate_size=64,
+    num_experts=32,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    num_shared_experts=1,
+    routed_scaling_factor=2.5,
+    max_position_embeddings=1024,
+    partial_rotary_factor=0.5,
+)
+BLOCK_LENGTHS = (16, 32)
+
+
+def init_weights(cfg, seed):
+    """f32 trainable weights by HF name: ~1/sqrt(fan_in) matrices, residual outputs scaled down
+    by sqrt(2 * layers), unit norms, zero expert bias."""
+    g = torch.Generator().manual_seed(seed)
+    L = cfg["num_hidden_layers"]
+    w = {}
+    for name, shape, _ in hfc.tensor_shapes(cfg):
+        if len(shape) == 1:
+            w[name] = torch.zeros(shape) if name.endswith("expert_bias") else torch.ones(shape)
+            continue
+        std = 1.0 / math.sqrt(shape[1])
+        if name == "model.word_embeddings.weight":
+            std = 1.0
+        elif name.endswith("attention.dense.weight") or name.endswith("down_proj.weight"):
+            std /= math.sqrt(2 * L)
+        elif name == "lm_head.weight":
+            std *= 0.5
+        w[name] = torch.randn(shape, generator=g) * std
+    return w
+
+
+# ---- routing loads, recorded by wrapping the reference MoE (same math, plus counts) --------------
+
+_LOADS = {}
+_reference_moe = reference.moe
+
+
+def _moe_recording(cfg, w, prefix, x, hits=None):
+    h = {} if hits is None else hits
+    out = _reference_moe(cfg, w, prefix, x, hits=h)
+    _LOADS[prefix] = h
+    return out
+
+
+reference.moe = _moe_recording
+
+
+# ---- batches --------------------------------------------------------------------------------------
+
+
+class Batcher:
+    """Deterministic stream of (ids, labels, noise positions, answer positions, block_length)."""
+
+    def __init__(self, tokenizer, cfg, batch_size, seed):
+        self.tok = tokenizer
+        self.rng = random.Random(seed)
+        self.g = torch.Generator().manual_seed(seed + 1)
+        self.bs = batch_size
+        ids = hfc.special_token_ids(cfg["vocab_size"])
+        self.eos, self.mask = ids["<|endoftext|>"], ids["<|mask|>"]
+
+    def next(self, eps=1e-3):
+        B = self.rng.choice(BLOCK_LENGTHS)
+        pairs = [sample(self.rng) for _ in range(self.bs)]
+        prompts = self.tok.encode_batch([chat_text(q) for q, _ in pairs])
+        fulls = self.tok.encode_batch([chat_text(q, a) for q, a in pairs])
+        seqs, noised = [], []
+        for p, f in zip(prompts, fulls):
+            p, f = p.ids, f.ids
+            assert f[:len(p)] == p
+            seq = f + [self.eos]
+            seq += [self.eos] * (-len(seq) % B)           # EOS to the end of the last block
+            first, last = len(p) // B, len(seq) // B - 1     # blocks that hold answer tokens
+            b = self.rng.randint(first, last)
+            seqs.append((seq, len(p), b))
+        T = max((b + 1) * B for _, _, b in seqs)
+        x = torch.full((self.bs, T), self.eos, dtype=torch.long)
+        answer = torch.zeros((self.bs, T), dtype=torch.bool)
+        for i, (seq, plen, b) in enumerate(seqs):
+            n = min(len(seq), T)
+            x[i, :n] = torch.tensor(seq[:n])
+            lo, hi = max(b * B, plen), (b + 1) * B
+            answer[i, lo:hi] = True                        # answer tokens of the noised block
+        t = torch.rand(self.bs, 1, generator=self.g)
+        p_mask = (1 - eps) * t + eps
+        noise = (torch.rand(self.bs, T, generator=self.g) < p_mask) & answer
+        labels = x.clone()
+        x = x.masked_fill(noise, self.mask)
+        return x, labels, noise, answer, p_mask, B
+
+
+def loss_fn(cfg, w, x, labels, noise, answer, p_mask, B):
+    logits = reference.forward(cfg, w, x, B)
+    ce = F.cross_entropy(logits[noise], labels[noise], reduction="none")
+    weight = (1.0 / p_mask).expand_as(noise)[noise]
+    return (ce * weight).sum() / answer.sum().clamp(min=1), (ce.detach().mean() if len(ce) else
+                                                              torch.tensor(0.0))
+
+
+# ---- export ---------------------------------------------------------------------------------------
+
+
+def export_hf(cfg, w, tok_json, tok_cfg, out_dir):
+    """Write the HF checkpoint (bf16, expert_bias f32), in the released layout."""
+    weights = {}
+    for name, _, dt in hfc.tensor_shapes(cfg):
+        t = w[name].detach().float()
+        weights[name] = t if dt == "f32" else t.to(torch.bfloat16)
+    hfc.write_checkpoint(out_dir, cfg, weights, tok_json, tok_cfg, n_shards=2)
+    return weights
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--batch-size", type=int, default=48)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--bias-rate", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)  # 1 beats 2 on a shared 2-core box
+    ap.add_argument("--save-every", type=int, default=150)
+    ap.add_argument("--eval-every", type=int, default=600)
+    ap.add_argument("--eval-n", type=int, default=100)
+    ap.add_argument("--work", default=WORK)
+    ap.add_argument("--fresh", action="store_true", help="ignore a saved state")
+    ap.add_argument("--init-from", help="start from the weights and expert bias of this state.pt "
+                    "(a new stage: fresh optimizer, schedule and data stream)")
+    ap.add_argument("--stop-at", type=int, help="stop (and save) at this step")
+    ap.add_argument("--rope-theta", type=float, default=600000.0,
+                    help="RoPE base (LLaDA2.0's 600000; the shipped demo uses 10000: with 16 "
+                    "rotary dims it gives the short-range position precision digits need)")
+    ap.add_argument("--curriculum", type=float, default=0.0,
+                    help="fraction of additions/subtractions with small operands (data.CURRICULUM)")
+    ap.add_argument("--answers", choices=("fixed", "varied"), default="fixed",
+                    help="answer sentence patterns (data.ANSWER_STYLE)")
+    ap.add_argument("--export-only", action="store_true")
+    ap.add_argument("--bench", type=int, default=0, help="time N steps and exit")
+    args = ap.parse_args(argv)
+
+    import data
+    data.ANSWER_STYLE = args.answers
+    data.CURRICULUM = args.curriculum
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.work, exist_ok=True)
+    cfg = hfc.make_config(**{**CONFIG, "rope_theta": int(args.rope_theta)
+                             if float(args.rope_theta).is_integer() else args.rope_theta})
+    tok_json, tok_cfg = build_tokenizer(cfg["vocab_size"])
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(tok_json)
+
+    w = init_weights(cfg, args.seed)
+    params = {k: v.requires_grad_() for k, v in w.items() if not k.endswith("expert_bias")}
+    decay = [v for k, v in params.items() if v.dim() == 2]
+    no_decay = [v for k, v in params.items() if v.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    batcher = Batcher(tok, cfg, args.batch_size, args.seed)
+    step = 0
+    log = []
+    state_path = os.path.join(args.work, "state.pt")
+    if args.init_from and not os.path.exists(state_path):
+        st = torch.load(args.init_from, weights_only=False)
+        with torch.no_grad():
+            for k, v in st["w"].items():
+                w[k].copy_(v)
+        log = [{"init_from": args.init_from, "step": st["step"]}]
+        print(f"initialized from {args.init_from} (step {st['step']})", flush=True)
+    elif os.path.exists(state_path) and not args.fresh:
+        st = torch.load(state_path, weights_only=False)
+        with torch.no_grad():
+            for k, v in st["w"].items():
+                w[k].copy_(v)
+        opt.load_state_dict(st["opt"])
+        batcher.rng.setstate(st["rng"])
+        batcher.g.set_state(st["g"])
+        step, log = st["step"], st["log"]
+        print(f"resumed at step {step}", flush=True)
+
+    def save():
+        torch.save({"w": {k: v.detach().clone() for k, v in w.items()}, "opt": opt.state_dict(),
+                    "rng": batcher.rng.getstate(), "g": batcher.g.get_state(), "step": step,
+                    "log": log, "config": cfg}, state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
+
+    def export():
+        out = os.path.join(args.work, "hf")
+        weights = export_hf(cfg, w, tok_json, tok_cfg, out)
+        with open(os.path.join(args.work, "train_log.json"), "w") as f:
+            json.dump({"args": vars(args), "log": log}, f, indent=1)
+        return out, weights
+
+    def evaluate(n):
+        from evaluate import by_task, evaluate_reference
+        wb = {k: v.detach().to(torch.bfloat16).float() if not k.endswith("expert_bias")
+              else v.detach() for k, v in w.items()}         # what the bf16 checkpoint holds
+        res = {}
+        for B in (32, 16):
+            acc, rows = evaluate_reference(cfg, wb, tok, n, block_length=B)
+            res[B] = (acc, by_task(rows))
+        return res
+
+    if args.export_only:
+        out, _ = export()
+        print("wrote", out)
+        return 0
+
+    moe_prefixes = [f"model.layers.{n}." for n in range(cfg["first_k_dense_replace"],
+                                                         cfg["num_hidden_layers"])]
+    E = cfg["num_experts"]
+    t_start, tok_count, last_print, step0 = time.time(), 0, time.time(), step
+    steps_total = args.bench or min(args.steps, args.stop_at or args.steps)
+    while step < steps_total:
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
+            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps))))
+        for gp in opt.param_groups:
+            gp["lr"] = lr
+        x, labels, noise, answer, p_mask, B = batcher.next()
+        loss, ce = loss_fn(cfg, w, x, labels, noise, answer, p_mask, B)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        # aux-loss-free balancing of the router
+        imbalance = []
+        with torch.no_grad():
+            for p in moe_prefixes:
+                h = _LOADS.get(p + "mlp.", _LOADS.get(p, {}))
+                load = torch.zeros(E)
+                for e, c in h.items():
+                    load[e] = c
+                w[p + "mlp.gate.expert_bias"] += args.bias_rate * torch.sign(load.mean() - load)
+                imbalance.append((load.max() / load.mean().clamp(min=1e-9)).item())
+        step += 1
+        tok_count += x.numel()
+        log.append({"step": step, "loss": round(loss.item(), 4), "ce": round(ce.item(), 4),
+                    "B": B, "lr": lr, "max_load": round(max(imbalance), 2)})
+        now = time.time()
+        if now - last_print > 20 or step == steps_total:
+            last_print = now
+            el = now - t_start
+            recent = [r for r in log[-50:] if "loss" in r]
+            rl = sum(r["loss"] for r in recent) / len(recent)
+            rc = sum(r["ce"] for r in recent) / len(recent)
+            sps = el / max(1, step - step0)
+            print(f"step {step}/{steps_total} loss {rl:.4f} ce {rc:.4f} lr {lr:.2e} "
+                  f"gnorm {gn:.2f} max/mean load {max(imbalance):.2f} "
+                  f"{tok_count / el:.0f} tok/s {sps:.2f} s/step "
+                  f"eta {(steps_total - step) * sps / 60:.1f} min", flush=True)
+        if args.bench:
+            continue
+        if step % args.save_every == 0 or step == steps_total:
+            save()
+        if step % args.eval_every == 0 or step == args.steps:
+            t0 = time.time()
+            res = evaluate(args.eval_n)
+            log[-1]["eval"] = {str(B): acc for B, (acc, _) in res.items()}
+            print(f"  eval step {step}: " + "  ".join(
+                f"B={B} {acc:.1%} {bt}" for B, (acc, bt) in res.items())
+                + f"  ({time.time() - t0:.0f} s)", flush=True)
+            out, _ = export()
+            print(f"  exported {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The shipped demo model (models/tide-demo.gguf) answers fixed questions through the engine,
+and every residency policy and budget gives the same answer (models/demo/README.md)."""
+
+import os
+import re
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+DEMO = os.path.join(ROOT, "models", "tide-demo.gguf")
+
+# question -> the result the answer must give. The demo's generation settings: block 32,
+# 32 steps, threshold 0.95, greedy (the engine's defaults; make run passes the same).
+QUESTIONS = {
+    "What is 37 plus 48?": 85,
+    "What is 91 minus 27?": 64,
+    "How many minutes are in 3 hours?": 180,
+    "Add 15 and 26.": 41,
+    "What is half of 64?": 32,
+    "How many days are there in 9 weeks?": 63,
+    "Double 23.": 46,
+    "Convert 7 kilograms to grams.": 7000,
+}
+GEN = dict(max_tokens=32, block_length=32, steps=32, threshold=0.95, temperature=0.0)
+
+
+def _model_or_skip(**kw):
+    if not os.path.exists(DEMO):
+        pytest.skip("models/tide-demo.gguf is absent (train it: models/demo/README.md)")
+    try:
+        import tide_cpp
+        Model = tide_cpp.Model
+    except (ImportError, AttributeError, OSError) as e:
+        pytest.skip(f"tide_cpp.Model unavailable ({e}); build the library with make")
+    return Model(DEMO, **kw)
+
+
+def _ask(m, question):
+    r = m.create_chat_completion(messages=[{"role": "user", "content": question}], **GEN)
+    return r["choices"][0]["message"]["content"]
+
+
+def _numbers(text):
+    return sorted(int(n) for n in re.findall(r"-?\d+", text))
+
+
+def test_demo_answers_fixed_questions():
+    with _model_or_skip(device="cpu", policy="cpu") as m:
+        for q, want in QUESTIONS.items():
+            got = _ask(m, q)
+            # the answer restates the question's numbers and gives the result, nothing else
+            assert _numbers(got) == sorted(_numbers(q) + [want]), (q, got)
+            assert got.endswith("."), (q, got)   # one sentence, stopped at EOS
+
+
+def test_demo_known_sentence():
+    with _model_or_skip(device="cpu", policy="cpu") as m:
+        assert _ask(m, "What is 37 plus 48?") == "37 plus 48 is 85."
+        assert _ask(m, "How many minutes are in 3 hours?") == "There are 180 minutes in 3 hours."
+
+
+@pytest.mark.parametrize("policy,budget", [("gpu", None), ("static", 4), ("swap", 4),
+                                           ("tide", 2), ("tide", 8)])
+def test_demo_same_answers_under_every_policy(policy, budget):
+    with _model_or_skip(device="sim", policy="cpu") as m:
+        want = [_ask(m, q) for q in QUESTIONS]
+    kw = dict(device="sim", policy=policy, refresh_interval=4)
+    if budget is not None:
+        kw["gpu_experts"] = budget
+    with _model_or_skip(**kw) as m:
+        got = [_ask(m, q) for q in QUESTIONS]
+        st = m.stats()
+    assert got == want
+    if policy in ("static", "tide"):
+        assert st["host_expert_tokens"] > 0     # a small budget really leaves experts on the host
