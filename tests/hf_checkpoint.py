@@ -207,13 +207,20 @@ def make_tokenizer(vocab_size):
         assert tok.token_to_id(text) == want, (text, tok.token_to_id(text), want)
     tokenizer_json = tok.to_str(pretty=True)
 
+    return tokenizer_json, make_tokenizer_config(vocab_size)
+
+
+def make_tokenizer_config(vocab_size):
+    """tokenizer_config.json of a tokenizer made with the LLaDA2 special tokens at their ids
+    (special_token_ids): added_tokens_decoder, the chat template, the special token names."""
+    ids = special_token_ids(vocab_size)
     added = {}
     for text, special in _SPECIAL_TOKENS:
         added[str(ids[text])] = {
             "content": text, "lstrip": False, "normalized": False, "rstrip": False,
             "single_word": False, "special": special,
         }
-    tokenizer_config = {
+    return {
         "add_bos_token": False,
         "add_eos_token": False,
         "added_tokens_decoder": added,
@@ -232,7 +239,6 @@ def make_tokenizer(vocab_size):
         "trust_remote_code": True,
         "vocab_file": None,
     }
-    return tokenizer_json, tokenizer_config
 
 
 # ---- weights -----------------------------------------------------------------------------------

@@ -52,38 +52,7 @@ def build_tokenizer(vocab_size=512, n_lines=20000, seed=0):
     for text, want in ids.items():
         assert tok.token_to_id(text) == want, (text, tok.token_to_id(text), want)
     # The config (added_tokens_decoder, chat template, special token names) is the shared one.
-    _, tok_cfg = _config_for(vocab_size)
-    return tok.to_str(pretty=True), tok_cfg
-
-
-def _config_for(vocab_size):
-    ids = hfc.special_token_ids(vocab_size)
-    added = {}
-    for text, special in hfc._SPECIAL_TOKENS:
-        added[str(ids[text])] = {
-            "content": text, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": special,
-        }
-    cfg = {
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "added_tokens_decoder": added,
-        "bos_token": "<|startoftext|>",
-        "chat_template": hfc.CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "cls_token": "[CLS]",
-        "eos_token": "<|endoftext|>",
-        "fast_tokenizer": True,
-        "gmask_token": "[gMASK]",
-        "mask_token": "<|mask|>",
-        "merges_file": None,
-        "model_max_length": 32768,
-        "pad_token": "<|endoftext|>",
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "trust_remote_code": True,
-        "vocab_file": None,
-    }
-    return None, cfg
+    return tok.to_str(pretty=True), hfc.make_tokenizer_config(vocab_size)
 
 
 if __name__ == "__main__":
