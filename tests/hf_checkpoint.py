@@ -163,11 +163,19 @@ def special_token_ids(vocab_size):
 
 
 def make_tokenizer(vocab_size):
-    """A byte-level BPE tokenizer.json (str) and tokenizer_config.json (dict) for vocab_size.
+    """A byte-level BPE tokenizer.json (str) and tokenizer_config.json (dict) for vocab_size,
+    trained on a small mixed text (prose, numbers, code, non-Latin scripts)."""
+    return train_bpe_tokenizer([_TRAIN_TEXT] * 4, vocab_size, min_frequency=1)
 
-    The BPE part has vocab_size - 16 - 12 entries, then the 12 LLaDA2 added tokens; the last 16
-    ids are unused, as the released vocabulary is padded past its tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+def train_bpe_tokenizer(lines, vocab_size, min_frequency=1):
+    """A byte-level BPE in the LLaDA2 layout trained on `lines`: (tokenizer.json str,
+    tokenizer_config.json dict). Deterministic for the same lines.
+
+    The BPE part has vocab_size - 16 - 12 entries (the Ling pre-tokenizer regex: digits split one
+    per token), then the 12 LLaDA2 added tokens; the last 16 ids are unused, as the released
+    vocabulary is padded past its tokenizer. The models/demo tokenizer is built by this too."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     n_bpe = vocab_size - _N_PAD - len(_SPECIAL_TOKENS)
     if n_bpe < 256 + 8:
@@ -179,10 +187,10 @@ def make_tokenizer(vocab_size):
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=n_bpe, min_frequency=1, show_progress=False,
+        vocab_size=n_bpe, min_frequency=min_frequency, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
     )
-    tok.train_from_iterator([_TRAIN_TEXT] * 4, trainer=trainer)
+    tok.train_from_iterator(lines, trainer=trainer)
     # The trainer may stop short of n_bpe merges on a small text: pad the BPE vocabulary with
     # never-merged filler tokens so the added tokens land on fixed ids.
     data = json.loads(tok.to_str())
@@ -194,7 +202,6 @@ def make_tokenizer(vocab_size):
         if filler not in vocab:
             vocab[filler] = len(vocab)
     tok = Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
-    from tokenizers import AddedToken
     for text, special in _SPECIAL_TOKENS:
         t = AddedToken(text, special=special, normalized=False, single_word=False,
                        lstrip=False, rstrip=False)
@@ -204,10 +211,10 @@ def make_tokenizer(vocab_size):
             tok.add_tokens([t])
     ids = special_token_ids(vocab_size)
     for text, want in ids.items():
-        assert tok.token_to_id(text) == want, (text, tok.token_to_id(text), want)
-    tokenizer_json = tok.to_str(pretty=True)
-
-    return tokenizer_json, make_tokenizer_config(vocab_size)
+        if tok.token_to_id(text) != want:
+            raise RuntimeError(f"added token {text!r} got id {tok.token_to_id(text)}, "
+                               f"expected {want}")
+    return tok.to_str(pretty=True), make_tokenizer_config(vocab_size)
 
 
 def make_tokenizer_config(vocab_size):

@@ -209,14 +209,15 @@ def chat_text(question, answer=None):
 
 
 def corpus(n, seed=0):
-    """Plain text for training the tokenizer (no special tokens): n questions and answers, every
-    answer pattern (so the tokenizer is the same whatever ANSWER_STYLE is)."""
-    global ANSWER_STYLE
-    style, ANSWER_STYLE = ANSWER_STYLE, "varied"
+    """Plain text for training the tokenizer (no special tokens): n questions and answers with
+    every answer pattern and the training mix of operands (CURRICULUM 0.5), whatever the data
+    settings are, so the tokenizer is one fixed thing."""
+    global ANSWER_STYLE, CURRICULUM
+    saved, (ANSWER_STYLE, CURRICULUM) = (ANSWER_STYLE, CURRICULUM), ("varied", 0.5)
     try:
         return _corpus(n, seed)
     finally:
-        ANSWER_STYLE = style
+        ANSWER_STYLE, CURRICULUM = saved
 
 
 def _corpus(n, seed):
