@@ -32,7 +32,7 @@ ARCH = "llada2"
 CHUNK_BYTES = 8 << 20  # source bytes read per slice of rows
 
 
-def _pad(n, a=ALIGNMENT):
+def pad_to_alignment(n, a=ALIGNMENT):
     return (n + a - 1) // a * a
 
 
@@ -74,7 +74,8 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _add_metadata(w, name, outtype, hp, tok):
+def add_metadata(w, name, outtype, hp, tok):
+    """Every metadata key of a tide GGUF (docs/CONTRACTS.md section 1) onto the writer w."""
     w.add_name(name)
     w.add_custom_alignment(ALIGNMENT)
     w.add_file_type(FILE_TYPES[outtype])
@@ -154,14 +155,14 @@ def _write_data(fout, slices, progress, n_threads):
         (e, ref, qt, size, fd, r0, r1, first, last), fut = pending.popleft()
         data = fut.result()
         if first:
-            fout.write(b"\0" * (_pad(fout.tell()) - fout.tell()))
+            fout.write(b"\0" * (pad_to_alignment(fout.tell()) - fout.tell()))
             start = fout.tell()
         fout.write(memoryview(data).cast("B"))
         progress.add(data.nbytes)
         if last:
             if fout.tell() - start != size:  # a bug, not bad input: never write a wrong layout
                 raise AssertionError(f"{e.gguf}: wrote {fout.tell() - start} bytes, not {size}")
-            fout.write(b"\0" * (_pad(size) - size))
+            fout.write(b"\0" * (pad_to_alignment(size) - size))
             progress.tensor_done()
 
     with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="convert") as pool:
@@ -211,7 +212,7 @@ def convert(src, out, outtype="bf16", progress=True, revision=None, name=None, t
 
     types = [storage_type(e, outtype) for e in entries]
     sizes = [nbytes(e.hf_shape, qt) for e, qt in zip(entries, types)]
-    total = sum(_pad(s) for s in sizes)
+    total = sum(pad_to_alignment(s) for s in sizes)
     try:
         free = shutil.disk_usage(out_dir).free
     except OSError:
@@ -232,7 +233,7 @@ def convert(src, out, outtype="bf16", progress=True, revision=None, name=None, t
     n_threads = max(1, int(threads or min(4, os.cpu_count() or 1)))
     try:
         writer = GGUFWriter(None, ARCH)
-        _add_metadata(writer, name or ckpt.name, outtype, hp, tok)
+        add_metadata(writer, name or ckpt.name, outtype, hp, tok)
         for e, qt, size in zip(entries, types, sizes):
             writer.add_tensor_info(e.gguf, e.hf_shape, np.float32, size, raw_dtype=qt)
         writer.open_output_file(Path(tmp))

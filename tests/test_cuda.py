@@ -173,7 +173,7 @@ def test_backend_ops_against_host_reference(tmp_path):
     if not nvcc:
         pytest.skip("nvcc not found: cannot build bench/gpu/test_ops.cu")
     exe = str(tmp_path / "test_ops")
-    objs = sorted(glob.glob(os.path.join(ROOT, "build", "cuda", "*.o")))
+    objs = sorted(glob.glob(os.path.join(ROOT, "build", "cuda-on", "cuda", "*.o")))
     srcs = sorted(glob.glob(os.path.join(ROOT, "native", "src", "cuda", "*.cu")))
     # reuse the library's objects when make built them (they hold every arch), else compile
     parts = objs if len(objs) == len(srcs) else srcs

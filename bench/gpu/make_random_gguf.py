@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 from gguf import GGUFWriter  # noqa: E402
 
-from convert.hf_to_gguf import ARCH, _add_metadata, _pad  # noqa: E402
+from convert.hf_to_gguf import ARCH, add_metadata, pad_to_alignment  # noqa: E402
 from convert.hparams import hparams  # noqa: E402
 from convert.quant import nbytes, storage_type  # noqa: E402
 from convert.tensor_map import plan  # noqa: E402
@@ -78,7 +78,7 @@ def main():
     rng = np.random.default_rng(a.seed)
     pool = bf16_pool(rng, POOL_BYTES, 0.02)
     w = GGUFWriter(None, ARCH)
-    _add_metadata(w, f"llada2-mini-random-{a.layers}L", a.outtype, hp, tok)
+    add_metadata(w, f"llada2-mini-random-{a.layers}L", a.outtype, hp, tok)
     for e, qt, size in zip(entries, types, sizes):
         w.add_tensor_info(e.gguf, e.hf_shape, np.float32, size, raw_dtype=qt)
     tmp = a.out + ".tmp"
@@ -89,7 +89,7 @@ def main():
     f = w.fout[0]
     done = 0
     for e, qt, size in zip(entries, types, sizes):
-        f.write(b"\0" * (_pad(f.tell()) - f.tell()))
+        f.write(b"\0" * (pad_to_alignment(f.tell()) - f.tell()))
         if qt == QT.F32:
             f.write(f32_values(e.gguf, size // 4, rng).tobytes())
         else:
@@ -99,7 +99,7 @@ def main():
                 start = int(rng.integers(0, (POOL_BYTES - n) // 2 + 1)) * 2  # stay bf16-aligned
                 f.write(memoryview(pool[start:start + n]))
                 left -= n
-        f.write(b"\0" * (_pad(size) - size))
+        f.write(b"\0" * (pad_to_alignment(size) - size))
         done += size
     w.close()
     os.replace(tmp, a.out)

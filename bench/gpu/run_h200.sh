@@ -70,12 +70,12 @@ ls -la tide_cpp/libtide.so
 
 # ---- 3. every op against a host reference --------------------------------------------------------
 run_for 60 test_ops.log nvcc -O2 -std=c++17 $ARCH90 -Inative/include -Inative/src -DTIDE_CUDA=1 \
-    bench/gpu/test_ops.cu build/cuda/*.o -o build/test_ops
+    bench/gpu/test_ops.cu build/cuda-on/cuda/*.o -o build/test_ops
 run_for 90 test_ops.log build/test_ops
 
 # ---- 3b. speed of each op at mini's shapes (GB/s against 4.8 TB/s) --------------------------------
 run_for 60 bench_ops.log nvcc -O2 -std=c++17 $ARCH90 -Inative/include -Inative/src -DTIDE_CUDA=1 \
-    bench/gpu/bench_ops.cu build/cuda/*.o -o build/bench_ops
+    bench/gpu/bench_ops.cu build/cuda-on/cuda/*.o -o build/bench_ops
 run_for 90 bench_ops.log build/bench_ops
 
 # ---- 4. host-to-device bandwidth (pinned / registered / pageable) --------------------------------
