@@ -73,3 +73,19 @@ def test_demo_same_answers_under_every_policy(policy, budget):
     assert got == want
     if policy in ("static", "tide"):
         assert st["host_expert_tokens"] > 0     # a small budget really leaves experts on the host
+
+
+def test_demo_bench_chat_prompts(capsys):
+    """tide-cli bench --chat: the prompts go through the chat template, so the demo answers
+    (a raw prompt is outside what it was trained on) and tokens/s measures real tokens."""
+    _model_or_skip(device="cpu").close()
+    from tide_cpp.cli import main
+    rc = main(["bench", "-m", DEMO, "--device", "sim", "-t", "1", "--chat", "--policies",
+               "cpu,tide", "--gpu-experts", "4", "--threshold", "0.999", "--warmup", "0",
+               "-p", "What is 37 plus 48?", "-p", "How many minutes are in 3 hours?"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    rows = [l.split("|") for l in out.out.splitlines() if l.startswith("|") and "---" not in l]
+    head, rows = [c.strip() for c in rows[0]], rows[1:]
+    assert len(rows) == 2 and all(r[head.index("same tokens")].strip() == "yes" for r in rows)
+    assert all(float(r[head.index("tokens/s")]) > 0 for r in rows)

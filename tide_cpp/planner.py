@@ -364,6 +364,7 @@ def plot_plan(result: PlanResult, path, title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
     taus = result.taus
@@ -380,6 +381,7 @@ def plot_plan(result: PlanResult, path, title: str = "") -> None:
                label=f"paper's plan: tau={result.uniform_refresh_interval}, B={result.uniform_budget}, "
                      f"{result.uniform_time_per_step * 1e3:.1f} ms")
     ax.set_xlabel("refresh interval tau (steps)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))      # tau is a whole number of steps
     ax.set_ylabel("predicted time per step (ms)")
     ax.set_title(title or f"TIDE plan, {fmt_bytes(result.gpu_memory)} granted, "
                           f"{result.slots} expert slots")

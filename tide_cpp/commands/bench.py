@@ -19,6 +19,8 @@ def add_parser(sub):
     p.add_argument("-t", "--threads", type=int)
     p.add_argument("--prompts", help="text file, one prompt per line")
     p.add_argument("-p", "--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the model's chat template as a user message")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, default=32)
@@ -44,12 +46,14 @@ def _budget_arg(s):
 
 
 def bench_policy(path, policy, budget, tau, device, threads, prompts, gen_kw, popularity=None,
-                 warmup=1, device_memory=None, profile=None, repeat=1):
+                 warmup=1, device_memory=None, profile=None, repeat=1, chat=False):
     """One policy over the prompts: a dict of totals, the tokens of every prompt. Each prompt
-    runs `repeat` times; its time is the median of the repeats (a loaded machine is noisy)."""
+    runs `repeat` times; its time is the median of the repeats (a loaded machine is noisy).
+    chat: each prompt is a user message in the model's chat template (as generate --chat)."""
     import numpy as np
     from ..model import Model
     from ..planner import predict
+    from ..tokenizer import tokenizer_of
     kw = dict(device=device, n_threads=threads, policy=policy, refresh_interval=tau, trace=True)
     if policy not in ("gpu", "cpu"):
         kw["gpu_experts"] = budget
@@ -60,6 +64,10 @@ def bench_policy(path, policy, budget, tau, device, threads, prompts, gen_kw, po
     tokens, wall, core, steps, ntok, pred_t = [], 0.0, 0.0, 0, 0, 0.0
     predicted = profile is not None and policy != "auto"
     with Model(path, **kw) as m:
+        if chat:
+            tok = tokenizer_of(m)
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True)
+                       for p in prompts]
         for _ in range(warmup):
             m.generate(prompts[0], **gen_kw)
         m.reset_stats()
@@ -119,7 +127,7 @@ def run(args):
         try:
             row, toks = bench_policy(args.model, pol, budget, args.refresh_interval, device,
                                      args.threads, prompts, gen_kw, popularity, args.warmup, dm,
-                                     profile, args.repeat)
+                                     profile, args.repeat, args.chat)
         except Exception as e:  # a policy that cannot run here (gpu too large): say why, go on
             print(f"  {pol}: {type(e).__name__}: {e}", file=sys.stderr)
             rows.append({"policy": pol, "error": str(e)})
