@@ -117,14 +117,18 @@ with Model(path, device="cpu") as m:
     ref = m.logits(ids, block_length=8)
     gen = dict(max_tokens=8, block_length=8, steps=4, threshold=0.95)
     want = m.generate(ids, **gen).tokens
-for policy, b in (("gpu", None), ("tide", 2), ("swap", 3)):
-    with Model(path, device="cuda", policy=policy, gpu_experts=b, refresh_interval=1) as m:
+for policy, b, pf in (("gpu", None, 0), ("tide", 2, 0), ("swap", 3, 0), ("tide", 2, 2)):
+    with Model(path, device="cuda", policy=policy, gpu_experts=b, refresh_interval=1,
+               prefetch_experts=pf) as m:
         got = m.logits(ids, block_length=8)
         err, scale = float(np.abs(got - ref).max()), float(np.abs(ref).max())
         assert err <= rtol * scale, (policy, err, scale)
         toks = m.generate(ids, **gen).tokens
         assert toks == want, (policy, toks, want)
-        print(policy, "max err", err, "scale", scale, "tokens", toks)
+        st = m.stats()
+        assert pf == 0 or st["prefetch_bytes"] > 0, st     # the prefetch path really ran
+        print(policy, "prefetch", pf, "max err", err, "scale", scale, "tokens", toks,
+              "prefetch used", st["prefetch_used"])
 print("ok")
 """
 
@@ -270,6 +274,25 @@ def test_policy_lossless_and_counters_equal_sim(all_resident, policy, budget, in
     for lc, ls in zip(cuda_stats["per_layer"], sim_stats["per_layer"]):
         for k in COUNTERS:
             assert lc[k] == ls[k], (lc["layer"], k, lc[k], ls[k])
+
+
+@needs_gpu
+@pytest.mark.parametrize("budget,interval,prefetch", [(1, 1, 1), (3, 1, 2), (3, 2, 8)])
+def test_prefetch_lossless_and_counters_equal_sim(all_resident, budget, interval, prefetch):
+    """Copies ahead of their layer on the transfer stream, slots swapped with prefetch buffers:
+    the tokens stay, and so do the residency counters and the prefetch counters of sim."""
+    path, cfg, ids, want = all_resident
+    kw = dict(policy="tide", gpu_experts=budget, refresh_interval=interval,
+              prefetch_experts=prefetch)
+    with _model(path, "cuda", **kw) as m:
+        got = m.generate(ids, **GEN)
+        cuda_stats = m.stats()
+    with _model(path, "sim", **kw) as m:
+        m.generate(ids, **GEN)
+        sim_stats = m.stats()
+    assert got.tokens == want
+    for k in COUNTERS + ("prefetch_bytes", "prefetch_used"):
+        assert cuda_stats[k] == sim_stats[k], (k, cuda_stats[k], sim_stats[k])
 
 
 @needs_gpu

@@ -3,6 +3,7 @@ interval; counters exact, and equal to the plain-Python replay (tide_cpp/replay.
 recorded routing trace; bad settings refused."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -138,6 +139,61 @@ def test_counters_equal_replay(base, policy, budget, interval):
         for k, v in lt.items():
             assert st["per_layer"][l][k] == v, f"layer {l} {k}: core {st['per_layer'][l][k]}, replay {v}"
     assert np.array_equal(resident, r.resident)
+
+
+@pytest.mark.parametrize("budget,interval,prefetch", [(1, 1, 1), (3, 1, 2), (3, 3, 3), (5, 1, 16)])
+def test_prefetch_changes_no_result_and_no_residency_counter(base, budget, interval, prefetch):
+    """prefetch_experts: copies ahead of a refresh into buffers that a promotion then takes as
+    its slot. Outputs bit-identical, the residency module's counters those of prefetch off (the
+    replay's), and the prefetch counters consistent."""
+    path, cfg, ids, want = base
+    kw = dict(device="sim", policy="tide", gpu_experts=budget, refresh_interval=interval)
+    with Model(path, **kw) as m:
+        drive(m, ids)
+        off = m.stats()
+    with Model(path, prefetch_experts=prefetch, **kw) as m:
+        got = drive(m, ids)
+        on = m.stats()
+        eb = m.hparams["expert_bytes"]
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert np.array_equal(g, w), f"output {i} differs with prefetch {prefetch}"
+    for k in ("h2d_bytes", "experts_promoted", "experts_demoted", "device_expert_tokens",
+              "host_expert_tokens"):
+        assert on[k] == off[k], (k, on[k], off[k])
+    assert off["prefetch_bytes"] == off["prefetch_used"] == 0
+    assert on["prefetch_bytes"] > 0 and on["prefetch_bytes"] % eb == 0
+    assert on["prefetch_used"] <= on["experts_promoted"]
+    if budget >= 3:                      # predictions from the last forward do come true
+        assert on["prefetch_used"] > 0
+    assert on["prefetch_used"] * eb <= on["prefetch_bytes"]
+    assert sum(l["prefetch_used"] for l in on["per_layer"]) == on["prefetch_used"]
+
+
+def test_prefetch_buffers_count_against_device_memory(base):
+    """Prefetch buffers are device memory like slots: with the largest budget that a grant
+    holds, adding as many buffers as slots is refused with a clear error."""
+    path, cfg, _, _ = base
+    with Model(path, device="sim", policy="cpu") as m:
+        need = m.stats()["weights_h2d_bytes"]
+        eb = m.hparams["expert_bytes"]
+    E = cfg["num_experts"]
+    n_moe = cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
+    mem = need + E * n_moe * eb - eb  # as test_sim_memory_budget: not every expert fits
+
+    def opens(budget, prefetch):
+        try:
+            Model(path, device="sim", policy="tide", gpu_experts=budget, n_ctx=64,
+                  device_memory=mem, prefetch_experts=prefetch).close()
+            return True
+        except TideError as e:
+            assert re.search(r"need \d+ bytes|out of memory", str(e)), str(e)
+            return False
+
+    fits = [b for b in range(1, E + 1) if opens(b, 0)]
+    assert fits and max(fits) < E
+    b = max(fits)
+    assert not opens(b, b)       # b slots + b buffers > the most slots that fit
+    assert opens(b, 0)
 
 
 def test_static_with_popularity_and_switch(base):

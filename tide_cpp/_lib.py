@@ -9,7 +9,7 @@ import os
 from ctypes import (POINTER, Structure, c_char_p, c_double, c_float, c_int, c_int32, c_size_t,
                     c_uint8, c_uint64, c_void_p)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # tide_status
 OK, ERR_IO, ERR_FORMAT, ERR_MODEL, ERR_ARG, ERR_NOMEM, ERR_DEVICE, ERR_UNSUPPORTED, ERR_CONTEXT = range(9)
@@ -54,7 +54,7 @@ class tide_context_params(Structure):
         ("device", c_int32), ("n_threads", c_int32), ("n_ctx", c_int32), ("policy", c_int32),
         ("budget", c_int32), ("budgets", POINTER(c_int32)), ("n_budgets", c_int32),
         ("refresh_interval", c_int32), ("trace", c_int32), ("device_memory", c_uint64),
-        ("cuda_device", c_int32)]
+        ("cuda_device", c_int32), ("prefetch", c_int32)]
 
 
 class tide_sampling(Structure):
@@ -68,15 +68,20 @@ STATS_TIMERS = ("t_total", "t_attention", "t_dense", "t_router", "t_device_exper
                 "t_host_experts", "t_transfer_wait", "t_lm_head")
 
 
+PREFETCH_COUNTERS = ("prefetch_bytes", "prefetch_used")
+
+
 class tide_stats(Structure):
-    _fields_ = [(n, c_uint64) for n in STATS_COUNTERS] + [(n, c_double) for n in STATS_TIMERS]
+    _fields_ = ([(n, c_uint64) for n in STATS_COUNTERS] + [(n, c_double) for n in STATS_TIMERS]
+                + [(n, c_uint64) for n in PREFETCH_COUNTERS])
 
 
 class tide_layer_stats(Structure):
     _fields_ = [(n, c_uint64) for n in ("h2d_bytes", "experts_promoted", "experts_demoted",
                                          "device_expert_tokens", "host_expert_tokens")] + [
         ("budget", c_int32), ("resident", c_int32)] + [
-        (n, c_double) for n in ("t_device_experts", "t_host_experts", "t_transfer_wait")]
+        (n, c_double) for n in ("t_device_experts", "t_host_experts", "t_transfer_wait")] + [
+        (n, c_uint64) for n in PREFETCH_COUNTERS]
 
 
 def struct_dict(s):

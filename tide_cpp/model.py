@@ -39,12 +39,14 @@ class Model:
 
     policy gpu | cpu | static | swap | tide decides which routed experts sit on the device;
     gpu_experts is the slot budget of every MoE layer (an int) or one per MoE layer (a list);
-    refresh_interval is TIDE's tau. trace=True records the routing of every forward
-    (CONTRACTS.md section 4)."""
+    refresh_interval is TIDE's tau. prefetch_experts=N (tide): at a refresh, up to N experts per
+    MoE layer, predicted from the layer's previous routing, are copied while the layers before
+    it compute; promotions they predicted need no copy of their own (stats: prefetch_bytes,
+    prefetch_used). trace=True records the routing of every forward (CONTRACTS.md section 4)."""
 
     def __init__(self, path, device="cpu", n_threads=None, n_ctx=None, policy="gpu",
                  gpu_experts=None, refresh_interval=4, trace=False, device_memory=None,
-                 popularity=None, verbose=False):
+                 popularity=None, verbose=False, prefetch_experts=0):
         self._model = None
         self._ctx = None
         self._lib = _lib.lib()
@@ -54,6 +56,9 @@ class Model:
             raise ValueError(f"n_threads: {n_threads!r}, must be a positive int or None")
         if n_ctx is not None and (not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1):
             raise ValueError(f"n_ctx: {n_ctx!r}, must be a positive int or None")
+        if (not isinstance(prefetch_experts, (int, np.integer)) or isinstance(prefetch_experts, bool)
+                or prefetch_experts < 0):
+            raise ValueError(f"prefetch_experts: {prefetch_experts!r}, must be an int >= 0")
         if device_memory is not None and device_memory < 0:
             raise ValueError(f"device_memory: {device_memory!r} is negative")
         if device == "auto":
@@ -95,6 +100,7 @@ class Model:
         p.refresh_interval = interval
         p.trace = 1 if trace else 0
         p.device_memory = int(device_memory or 0)
+        p.prefetch = int(prefetch_experts)
         cp = ctypes.c_void_p()
         st = self._lib.tide_context_create(self._model, ctypes.byref(p), ctypes.byref(cp), err,
                                            _ERR_LEN)
@@ -107,6 +113,7 @@ class Model:
         self._budgets = self._budget_list(budget, budgets)
         self._trace_on = bool(trace)
         self.device_memory = int(device_memory) if device_memory else None
+        self.prefetch_experts = int(prefetch_experts)
         self._trace = {"hits": [], "kind": [], "block": [], "step": [], "n_tokens": []}
         self._block_length = None
         if popularity is not None:

@@ -447,6 +447,9 @@ def plan_auto(model, trace_dict, profile=None, gpu_memory=None, reserve_bytes: i
         gpu_memory = nonexpert + int(sum(budgets)) * expert_bytes
     d = dict(trace_dict)
     d.setdefault("expert_bytes", expert_bytes)
+    # prefetch buffers (at most prefetch_experts per MoE layer) come out of the same memory
+    n_moe = len(d["moe_layers"]) if "moe_layers" in d else np.asarray(d["hits"]).shape[1]
+    reserve_bytes += int(getattr(model, "prefetch_experts", 0) or 0) * n_moe * expert_bytes
     res = plan(d, profile, gpu_memory, nonexpert_bytes=nonexpert, reserve_bytes=reserve_bytes,
                compare_policies=False)
     return res.refresh_interval, [int(b) for b in res.budgets]

@@ -104,10 +104,14 @@ if [ -z "$SKIP_BENCH" ]; then
     # ---- 7. tide-cli bench: budget-free policies once, then every budget -------------------------
     python3 -m tide_cpp.cli bench --help >/dev/null || echo "tide-cli bench is missing or broken"
     bench() {
-        run_for "$1" bench.log python3 -m tide_cpp.cli bench -m "$MODEL" \
-            --policies "$2" --gpu-experts "$3" --refresh-interval 4 --max-tokens "$MAX_TOKENS"
+        local t=$1 pol=$2 b=$3
+        shift 3
+        run_for "$t" bench.log python3 -m tide_cpp.cli bench -m "$MODEL" \
+            --policies "$pol" --gpu-experts "$b" --refresh-interval 4 --max-tokens "$MAX_TOKENS" "$@"
     }
     bench 120 gpu,tide,static 64
+    # tide with its promotions copied ahead of their layer (t_transfer_wait is what it attacks)
+    bench 90 tide 64 --prefetch-experts 8
     for b in $BUDGETS; do
         [ "$b" = 64 ] || bench 90 tide,static "$b"
     done

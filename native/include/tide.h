@@ -23,7 +23,7 @@ extern "C" {
 #define TIDE_API __attribute__((visibility("default")))
 #endif
 
-#define TIDE_ABI_VERSION 1
+#define TIDE_ABI_VERSION 2
 
 typedef enum {
     TIDE_OK = 0,
@@ -90,6 +90,9 @@ typedef struct {
     int32_t trace;            /* 1: keep the hits of the last forward for tide_last_hits */
     uint64_t device_memory;   /* bytes the engine may use on the device; 0: free memory - reserve */
     int32_t cuda_device;      /* CUDA device ordinal */
+    int32_t prefetch;         /* tide: experts per MoE layer copied ahead of a refresh, chosen
+                                 from the layer's previous hits, while the layers before it
+                                 compute (0: off). Changes where bytes move, never the result. */
 } tide_context_params;
 
 /* Sampling of one step: temperature 0 with top_k <= 0 and top_p >= 1 is greedy. */
@@ -112,6 +115,9 @@ typedef struct {
     uint64_t host_expert_tokens;   /* token-expert pairs computed on the host */
     double t_total, t_attention, t_dense, t_router, t_device_experts, t_host_experts,
         t_transfer_wait, t_lm_head; /* seconds */
+    /* prefetch (params.prefetch): bytes copied ahead, and promotions they served (counted in
+     * experts_promoted and h2d_bytes as well, which stay the residency's own counts) */
+    uint64_t prefetch_bytes, prefetch_used;
 } tide_stats;
 
 typedef struct {
@@ -119,6 +125,7 @@ typedef struct {
     uint64_t device_expert_tokens, host_expert_tokens;
     int32_t budget, resident; /* slots, experts resident now */
     double t_device_experts, t_host_experts, t_transfer_wait;
+    uint64_t prefetch_bytes, prefetch_used;
 } tide_layer_stats;
 
 /* ---- model -------------------------------------------------------------------------------- */

@@ -276,6 +276,8 @@ tide_status tide_context_create(const tide_model *model, const tide_context_para
     if (st != TIDE_OK) return st;
     if (p.n_ctx <= 0) p.n_ctx = hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
     if (p.n_ctx > (1 << 22)) return tide_errf(err, err_len, TIDE_ERR_ARG, "n_ctx: %d too large", p.n_ctx);
+    if (p.prefetch < 0)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "prefetch: %d is negative", p.prefetch);
 
     tide_context *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return tide_errf(err, err_len, TIDE_ERR_NOMEM, "out of memory");

@@ -31,6 +31,9 @@ tide_status tide_forward(tide_context *ctx, const int32_t *tokens, int32_t n, in
     st = cpu_get_rows(ctx->pool, &ctx->w.token_embd, tokens, n, emb);
     if (st != TIDE_OK) return tide_ctx_fail(ctx, st, "embedding lookup failed");
     if (!ctx->on_host) TRY(op->upload(be, r->x, emb, (size_t)n * H * sizeof(float)), "upload");
+    /* the first MoE layer's predicted promotions start copying now (the next ones are started
+     * by the MoE layer before them) */
+    if (kind == 0 && (st = tide_moe_prefetch(ctx, 0, step_in_block)) != TIDE_OK) return st;
 
     for (int32_t il = 0; il < hp->n_layer; il++) {
         const tide_layer_weights *L = &ctx->w.layers[il];

@@ -94,7 +94,15 @@ typedef struct {
     void *slot_mem;             /* device memory of `budget` slots, slot_bytes each */
     size_t slot_bytes;          /* gate + up + down of one expert, each row_bytes aligned */
     tide_matrix *slot_gate, *slot_up, *slot_down; /* [budget] views into slot_mem */
-    int32_t *hits;              /* [n_expert] H of the current forward */
+    /* prefetch buffers (tide, params.prefetch > 0): slot-sized device memory that a refresh's
+     * predicted promotions are copied into ahead of the layer; a promotion that finds its
+     * expert there swaps the buffer with its slot instead of copying */
+    int32_t n_prefetch;
+    void *prefetch_mem;
+    tide_matrix *pf_gate, *pf_up, *pf_down; /* [n_prefetch] */
+    int32_t *pf_expert;         /* [n_prefetch] expert copied into buffer p, -1: none */
+    int32_t *hits;              /* [n_expert] H of the current forward (of the last, until the
+                                   router of this one has run) */
     int32_t *last_hits;         /* [n_expert] H of the last forward (trace) */
     tide_layer_stats st;        /* timers here; counters come from the residency module */
 } tide_moe_layer;
@@ -107,6 +115,8 @@ typedef struct {
     int32_t *count;             /* [n_expert] pairs per expert */
     int32_t *cursor;            /* [n_expert] */
     int32_t *job_of;            /* [n_expert] device job index of an expert, -1: host */
+    uint8_t *served;            /* [n_expert] promotions served by a prefetch buffer */
+    int32_t *predicted;         /* [n_expert] prefetch: predicted promotions */
     int32_t cap_pairs;
 } tide_moe_work;
 
@@ -154,6 +164,7 @@ tide_status tide_run_reserve(tide_context *ctx, int32_t n, int32_t n_logits);
 tide_status tide_moe_init(tide_context *ctx);
 void tide_moe_free(tide_context *ctx);
 /* Routed + shared experts of MoE layer il on the normed input xb [n, H]; adds into out [n, H]. */
+tide_status tide_moe_prefetch(tide_context *ctx, int32_t moe_layer, int32_t step_in_block);
 tide_status tide_moe_forward(tide_context *ctx, int32_t il, const float *xb, int32_t n, int kind,
                              int32_t step_in_block, float *out);
 tide_status tide_moe_set_residency(tide_context *ctx, int32_t policy, const int32_t *budgets,

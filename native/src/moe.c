@@ -28,9 +28,10 @@ static tide_status res_fail(tide_context *ctx, tide_status st) {
     return tide_ctx_fail(ctx, st, "residency: %s", residency_error(&ctx->res));
 }
 
-/* Execute the moves of one wave of a plan: promotions are copies into slots (transfer stream). */
+/* Execute the moves of one wave of a plan: promotions are copies into slots (transfer stream),
+ * except those of experts marked in `served` (already in their slot from a prefetch buffer). */
 static tide_status run_moves(tide_context *ctx, int32_t ml, const tide_residency_plan *p,
-                             int32_t wave) {
+                             int32_t wave, const uint8_t *served) {
     tide_moe_layer *M = &ctx->moe[ml];
     const tide_layer_weights *L = &ctx->model->w.layers[layer_index(ctx, ml)];
     tide_backend *be = ctx->be;
@@ -38,6 +39,7 @@ static tide_status run_moves(tide_context *ctx, int32_t ml, const tide_residency
         const tide_residency_move *mv = &p->moves[i];
         if (mv->wave != wave || mv->kind != RESIDENCY_PROMOTE) continue;
         int32_t e = mv->expert, s = mv->slot;
+        if (served && served[e]) continue;
         if (s < 0 || s >= M->budget)
             return tide_ctx_fail(ctx, TIDE_ERR_DEVICE, "residency: slot %d outside %d slots", s,
                                  M->budget);
@@ -54,7 +56,7 @@ static tide_status upload_pending(tide_context *ctx) {
         tide_residency_plan p;
         tide_status st = residency_take_pending(&ctx->res, i, &p);
         if (st != TIDE_OK) return res_fail(ctx, st);
-        if ((st = run_moves(ctx, i, &p, 0)) != TIDE_OK) return st;
+        if ((st = run_moves(ctx, i, &p, 0, NULL)) != TIDE_OK) return st;
     }
     TRY(ctx->be->i->transfer_sync(ctx->be), "transfer sync");
     return TIDE_OK;
@@ -70,6 +72,15 @@ static void free_slots(tide_context *ctx, tide_moe_layer *M) {
     free(M->slot_down);
     M->slot_gate = M->slot_up = M->slot_down = NULL;
     M->budget = 0;
+    if (M->prefetch_mem) ctx->be->i->dealloc(ctx->be, M->prefetch_mem);
+    M->prefetch_mem = NULL;
+    free(M->pf_gate);
+    free(M->pf_up);
+    free(M->pf_down);
+    free(M->pf_expert);
+    M->pf_gate = M->pf_up = M->pf_down = NULL;
+    M->pf_expert = NULL;
+    M->n_prefetch = 0;
 }
 
 void tide_moe_free(tide_context *ctx) {
@@ -88,7 +99,8 @@ void tide_moe_free(tide_context *ctx) {
     tide_moe_work *w = &ctx->work;
     void *ps[] = {w->pair_start_d, w->pair_token_d, w->pair_dest_d, w->pair_start_h,
                   w->pair_token_h, w->pair_dest_h, w->gate_d, w->up_d, w->down_d, w->gate_h,
-                  w->up_h, w->down_h, w->count, w->cursor, w->job_of};
+                  w->up_h, w->down_h, w->count, w->cursor, w->job_of, w->served,
+                  w->predicted};
     for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) free(ps[i]);
     memset(w, 0, sizeof *w);
 }
@@ -117,8 +129,11 @@ tide_status tide_moe_init(tide_context *ctx) {
     w->count = malloc(E * sizeof(int32_t));
     w->cursor = malloc(E * sizeof(int32_t));
     w->job_of = malloc(E * sizeof(int32_t));
+    w->served = calloc(E, 1);
+    w->predicted = malloc(E * sizeof(int32_t));
     if (!w->pair_start_d || !w->pair_start_h || !w->gate_d || !w->up_d || !w->down_d ||
-        !w->gate_h || !w->up_h || !w->down_h || !w->count || !w->cursor || !w->job_of)
+        !w->gate_h || !w->up_h || !w->down_h || !w->count || !w->cursor || !w->job_of ||
+        !w->served || !w->predicted)
         return tide_ctx_fail(ctx, TIDE_ERR_NOMEM, "out of memory");
     /* the experts' host ranges: registered once so copies from them can run asynchronously */
     if (ctx->params.device == TIDE_DEVICE_CUDA) {
@@ -129,7 +144,29 @@ tide_status tide_moe_init(tide_context *ctx) {
     return TIDE_OK;
 }
 
-/* Slots of every layer for the residency module's budgets (old slots freed first). */
+/* Prefetch buffers of a layer with b slots under the current policy. */
+static int32_t n_prefetch_for(const tide_context *ctx, int32_t policy, int32_t b) {
+    int32_t p = ctx->params.prefetch;
+    if (policy != TIDE_POLICY_TIDE || p <= 0 || b <= 0) return 0;
+    return p < b ? p : b;
+}
+
+/* n matrices views of one expert's gate/up/down, `bytes` apart, from base. */
+static void slot_views(const tide_layer_weights *L, char *base, size_t bytes, int32_t n,
+                       tide_matrix *gate, tide_matrix *up, tide_matrix *down) {
+    for (int32_t s = 0; s < n; s++) {
+        char *at = base + (size_t)s * bytes;
+        gate[s] = L->exp_gate[0];
+        gate[s].data = at;
+        up[s] = L->exp_up[0];
+        up[s].data = at + ALIGN_UP(L->exp_gate[0].nbytes, 256);
+        down[s] = L->exp_down[0];
+        down[s].data = (char *)up[s].data + ALIGN_UP(L->exp_up[0].nbytes, 256);
+    }
+}
+
+/* Slots (and prefetch buffers) of every layer for the residency module's budgets (old ones
+ * freed first). */
 static tide_status make_slots(tide_context *ctx) {
     const tide_model *m = ctx->model;
     for (int32_t i = 0; i < m->n_moe; i++) {
@@ -152,17 +189,77 @@ static tide_status make_slots(tide_context *ctx) {
         M->slot_down = malloc((size_t)b * sizeof(tide_matrix));
         if (!M->slot_gate || !M->slot_up || !M->slot_down)
             return tide_ctx_fail(ctx, TIDE_ERR_NOMEM, "out of memory");
-        for (int32_t s = 0; s < b; s++) {
-            char *base = (char *)M->slot_mem + (size_t)s * M->slot_bytes;
-            M->slot_gate[s] = L->exp_gate[0];
-            M->slot_gate[s].data = base;
-            M->slot_up[s] = L->exp_up[0];
-            M->slot_up[s].data = base + ALIGN_UP(L->exp_gate[0].nbytes, 256);
-            M->slot_down[s] = L->exp_down[0];
-            M->slot_down[s].data = (char *)M->slot_up[s].data + ALIGN_UP(L->exp_up[0].nbytes, 256);
-        }
+        slot_views(L, M->slot_mem, M->slot_bytes, b, M->slot_gate, M->slot_up, M->slot_down);
+        int32_t np = n_prefetch_for(ctx, ctx->policy, b);
+        if (np == 0) continue;
+        st = ctx->be->i->alloc(ctx->be, (size_t)np * M->slot_bytes, &M->prefetch_mem);
+        if (st != TIDE_OK) return tide_ctx_be_fail(ctx, st, "allocating prefetch buffers");
+        M->pf_gate = malloc((size_t)np * sizeof(tide_matrix));
+        M->pf_up = malloc((size_t)np * sizeof(tide_matrix));
+        M->pf_down = malloc((size_t)np * sizeof(tide_matrix));
+        M->pf_expert = malloc((size_t)np * sizeof(int32_t));
+        if (!M->pf_gate || !M->pf_up || !M->pf_down || !M->pf_expert)
+            return tide_ctx_fail(ctx, TIDE_ERR_NOMEM, "out of memory");
+        slot_views(L, M->prefetch_mem, M->slot_bytes, np, M->pf_gate, M->pf_up, M->pf_down);
+        for (int32_t p = 0; p < np; p++) M->pf_expert[p] = -1;
+        M->n_prefetch = np;
     }
     return TIDE_OK;
+}
+
+/* ---- prefetch -------------------------------------------------------------------------------- */
+
+/* Before MoE layer ml runs in a step that refreshes it: copy the experts its refresh would
+ * promote if its hits were those of its last forward (adjacent steps route alike, LLADA2.md
+ * section 5) into the layer's prefetch buffers, on the transfer stream, so the copies run while
+ * the layers before it compute. Called at the start of a step for the first MoE layer and, for
+ * the next one, by each MoE layer once its own promotions are queued (they go first). */
+tide_status tide_moe_prefetch(tide_context *ctx, int32_t ml, int32_t step_in_block) {
+    if (ml < 0 || ml >= ctx->model->n_moe) return TIDE_OK;
+    tide_moe_layer *M = &ctx->moe[ml];
+    if (M->n_prefetch == 0) return TIDE_OK;
+    const tide_layer_weights *L = &ctx->model->w.layers[layer_index(ctx, ml)];
+    tide_backend *be = ctx->be;
+    int32_t *pred = ctx->work.predicted;
+    int32_t n = residency_predict_promotions(&ctx->res, ml, M->hits, 1, step_in_block, pred,
+                                             M->n_prefetch);
+    for (int32_t p = 0; p < M->n_prefetch; p++) M->pf_expert[p] = p < n ? pred[p] : -1;
+    for (int32_t p = 0; p < n; p++) {
+        int32_t e = pred[p];
+        TRY(be->i->upload_async(be, M->pf_gate[p].data, L->exp_gate[e].data, L->exp_gate[e].nbytes), "prefetch upload");
+        TRY(be->i->upload_async(be, M->pf_up[p].data, L->exp_up[e].data, L->exp_up[e].nbytes), "prefetch upload");
+        TRY(be->i->upload_async(be, M->pf_down[p].data, L->exp_down[e].data, L->exp_down[e].nbytes), "prefetch upload");
+        M->st.prefetch_bytes += ctx->model->hp.expert_bytes;
+    }
+    return TIDE_OK;
+}
+
+/* A promotion of expert e into slot s whose copy is already in prefetch buffer p takes the
+ * buffer as its slot (views swapped, the slot's old memory becomes the buffer): no copy. Safe:
+ * the slot was last read by this layer's previous forward, which finished before this one's
+ * router logits came back, and the buffer is written again only at a later refresh. The
+ * fence this layer's computes wait for comes after every queued copy, prefetches included.
+ * Unused prefetched copies are dropped. Marks the served experts in ctx->work.served. */
+static void take_prefetched(tide_context *ctx, tide_moe_layer *M, const tide_residency_plan *p) {
+    uint8_t *served = ctx->work.served;
+    memset(served, 0, (size_t)ctx->model->hp.n_expert);
+    for (int32_t i = 0; i < p->n_moves; i++) {
+        const tide_residency_move *mv = &p->moves[i];
+        if (mv->kind != RESIDENCY_PROMOTE) continue;
+        for (int32_t b = 0; b < M->n_prefetch; b++) {
+            if (M->pf_expert[b] != mv->expert) continue;
+            int32_t s = mv->slot;
+            tide_matrix t;
+            t = M->slot_gate[s], M->slot_gate[s] = M->pf_gate[b], M->pf_gate[b] = t;
+            t = M->slot_up[s], M->slot_up[s] = M->pf_up[b], M->pf_up[b] = t;
+            t = M->slot_down[s], M->slot_down[s] = M->pf_down[b], M->pf_down[b] = t;
+            M->pf_expert[b] = -1;
+            served[mv->expert] = 1;
+            M->st.prefetch_used++;
+            break;
+        }
+    }
+    for (int32_t b = 0; b < M->n_prefetch; b++) M->pf_expert[b] = -1;
 }
 
 tide_status tide_moe_set_residency(tide_context *ctx, int32_t policy, const int32_t *budgets,
@@ -186,8 +283,8 @@ tide_status tide_moe_set_residency(tide_context *ctx, int32_t policy, const int3
         const tide_layer_weights *L = &m->w.layers[layer_index(ctx, i)];
         uint64_t sb = ALIGN_UP(L->exp_gate[0].nbytes, 256) + ALIGN_UP(L->exp_up[0].nbytes, 256) +
                       ALIGN_UP(L->exp_down[0].nbytes, 256);
-        need += (uint64_t)b * sb;
-        held += (uint64_t)ctx->moe[i].budget * ctx->moe[i].slot_bytes;
+        need += (uint64_t)(b + n_prefetch_for(ctx, policy, b)) * sb;
+        held += (uint64_t)(ctx->moe[i].budget + ctx->moe[i].n_prefetch) * ctx->moe[i].slot_bytes;
     }
     /* refuse before anything changes when the slots cannot fit */
     if (need > 0) {
@@ -249,6 +346,11 @@ tide_status tide_resident(const tide_context *ctx, int32_t moe_layer, uint8_t *o
 void tide_moe_stats(const tide_context *ctx, tide_stats *out) {
     out->h2d_bytes = out->experts_promoted = out->experts_demoted = 0;
     out->device_expert_tokens = out->host_expert_tokens = 0;
+    out->prefetch_bytes = out->prefetch_used = 0;
+    for (int32_t i = 0; ctx->moe && i < ctx->model->n_moe; i++) {
+        out->prefetch_bytes += ctx->moe[i].st.prefetch_bytes;
+        out->prefetch_used += ctx->moe[i].st.prefetch_used;
+    }
     for (int32_t i = 0; ctx->res_ready && i < ctx->model->n_moe; i++) {
         const tide_residency_counters *c = residency_counters(&ctx->res, i);
         out->h2d_bytes += c->h2d_bytes;
@@ -386,6 +488,12 @@ tide_status tide_moe_forward(tide_context *ctx, int32_t ml, const float *xb, int
     st = residency_plan(&ctx->res, ml, M->hits, kind == 0, kind == 0 ? step_in_block : -1, &plan);
     if (st != TIDE_OK) return res_fail(ctx, st);
 
+    const uint8_t *served = NULL;
+    if (M->n_prefetch > 0 && kind == 0) {
+        take_prefetched(ctx, M, &plan);
+        served = w->served;
+    }
+
     const float *h_x = xb;
     if (!ctx->on_host && plan.n_host > 0) { /* the misses' input, before the device is busy */
         TRY(op->download(be, r->h_x, xb, (size_t)n * H * sizeof(float)), "download");
@@ -447,7 +555,7 @@ tide_status tide_moe_forward(tide_context *ctx, int32_t ml, const float *xb, int
         for (int32_t i = 0; i < plan.n_moves; i++)
             moved |= plan.moves[i].wave == wave && plan.moves[i].kind == RESIDENCY_PROMOTE;
         if (moved) { /* this wave's computes wait for its copies (an event, not a sync) */
-            if ((st = run_moves(ctx, ml, &plan, wave)) != TIDE_OK) return st;
+            if ((st = run_moves(ctx, ml, &plan, wave, served)) != TIDE_OK) return st;
             int32_t fence = 0;
             TRY(op->transfer_fence(be, &fence), "transfer fence");
             TRY(op->compute_wait_fence(be, fence), "fence wait");
@@ -471,6 +579,8 @@ tide_status tide_moe_forward(tide_context *ctx, int32_t ml, const float *xb, int
         j0 = j1;
         t_dev += tide_now() - t1;
     }
+    /* the next MoE layer's predicted promotions, behind this layer's own copies */
+    if (kind == 0 && (st = tide_moe_prefetch(ctx, ml + 1, step_in_block)) != TIDE_OK) return st;
     t1 = tide_now();
     float *acc = out; /* without a shared expert the routed sum goes straight into the residual */
     if (hp->n_expert_shared > 0) {

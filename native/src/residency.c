@@ -413,6 +413,21 @@ tide_status residency_take_pending(tide_residency *r, int32_t layer, tide_reside
     return TIDE_OK;
 }
 
+int32_t residency_predict_promotions(tide_residency *r, int32_t layer, const int32_t *hits,
+                                     int32_t is_step, int32_t step_in_block, int32_t *out,
+                                     int32_t max) {
+    const tide_residency_layer *L = res_layer(r, layer);
+    if (!L || !hits || r->policy != TIDE_POLICY_TIDE || !is_step || step_in_block < 0 ||
+        step_in_block % r->refresh_interval != 0)
+        return 0;
+    int32_t n_t = res_top(r, hits, NULL, L->budget), n = 0;
+    for (int32_t i = 0; i < n_t && n < max; i++) {
+        int32_t e = res_key_expert(r->keys[i]);
+        if (L->slot_of[e] < 0) out[n++] = e;
+    }
+    return n;
+}
+
 /* ---- queries ------------------------------------------------------------------------------- */
 
 int32_t residency_slot(const tide_residency *r, int32_t layer, int32_t e) {

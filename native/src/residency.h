@@ -152,6 +152,15 @@ tide_status residency_take_pending(tide_residency *r, int32_t layer, tide_reside
 tide_status residency_plan(tide_residency *r, int32_t layer, const int32_t *hits, int32_t is_step,
                            int32_t step_in_block, tide_residency_plan *out);
 
+/* The experts a refresh of layer l would promote if this forward's hits were `hits`: for tide
+ * at a refresh (is_step and step_in_block % tau == 0), T \ R best first (most hits, then lower
+ * id); nothing for other policies or forwards. Writes at most `max` ids to out, returns how
+ * many. Changes no state: moe.c copies these ahead (prefetch) from the layer's previous hits,
+ * and residency_plan still decides from the real ones. */
+int32_t residency_predict_promotions(tide_residency *r, int32_t layer, const int32_t *hits,
+                                     int32_t is_step, int32_t step_in_block, int32_t *out,
+                                     int32_t max);
+
 /* ---- queries ------------------------------------------------------------------------------- */
 /* Slot of expert e in layer l, -1 if not resident (or out of range). */
 int32_t residency_slot(const tide_residency *r, int32_t layer, int32_t e);

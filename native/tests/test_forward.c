@@ -136,11 +136,12 @@ int main(void) {
     CHECK(tide_context_create(model, &q, &ctx, err, sizeof err) == TIDE_ERR_DEVICE && !ctx &&
               strstr(err, "out of memory"), "%s", err);
 
-    /* the simulated device under every policy: bit-identical to cpu */
+    /* the simulated device under every policy: bit-identical to cpu (the last case: tide with
+     * 2 prefetch buffers per layer) */
     const int policies[] = {TIDE_POLICY_GPU, TIDE_POLICY_CPU, TIDE_POLICY_STATIC, TIDE_POLICY_SWAP,
-                            TIDE_POLICY_TIDE};
+                            TIDE_POLICY_TIDE, TIDE_POLICY_TIDE};
     const int budget_list[] = {0, 1, 3, 16};
-    for (size_t pi = 0; pi < 5; pi++) {
+    for (size_t pi = 0; pi < 6; pi++) {
         for (size_t bi = 0; bi < 4; bi++) {
             q = p;
             q.device = TIDE_DEVICE_SIM;
@@ -148,6 +149,7 @@ int main(void) {
             q.budget = budget_list[bi];
             q.refresh_interval = 2;
             q.trace = 1;
+            q.prefetch = pi == 5 ? 2 : 0;
             ctx = NULL;
             CHECK(tide_context_create(model, &q, &ctx, err, sizeof err) == TIDE_OK, "%s", err);
             if (!ctx) continue;
@@ -161,6 +163,8 @@ int main(void) {
             CHECK(st.device_expert_tokens + st.host_expert_tokens ==
                       st.tokens_forwarded * (uint64_t)hp.n_expert_used * n_moe, "pairs");
             CHECK(st.h2d_bytes == st.experts_promoted * hp.expert_bytes, "h2d bytes");
+            if (pi == 5 && budget_list[bi] > 0)
+                CHECK(st.prefetch_bytes > 0, "prefetch ran, B %d", budget_list[bi]);
             int32_t *hits = malloc(sizeof(int32_t) * n_moe * E);
             CHECK(tide_last_hits(ctx, hits, (size_t)n_moe * E) == TIDE_OK, "hits");
             int64_t sum = 0;

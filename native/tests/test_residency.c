@@ -381,6 +381,51 @@ static void test_random(void) {
     CHECK(bad == 0, "%d random forwards broke an invariant", bad);
 }
 
+/* residency_predict_promotions: at a refresh, exactly the promotions the plan then makes for
+ * the same hits (best first; the plan lists them by ascending id), nothing elsewhere; no state
+ * changes. */
+static void test_predict(void) {
+    int32_t b[1] = {3};
+    tide_residency r = make(1, 8, TIDE_POLICY_TIDE, b, 2);
+    uint64_t seed = 7;
+    for (int it = 0; it < 200; it++) {
+        int32_t h[8];
+        for (int e = 0; e < 8; e++) {
+            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            h[e] = (int32_t)((seed >> 33) % 4);
+        }
+        int32_t s = it % 5, pred[8], pred2[8];
+        char before[64];
+        snprintf(before, sizeof before, "%s", set_str(&r, 0));
+        int32_t n = residency_predict_promotions(&r, 0, h, 1, s, pred, 8);
+        CHECK(strcmp(before, set_str(&r, 0)) == 0, "predict changed R");
+        CHECK(residency_predict_promotions(&r, 0, h, 0, s, pred2, 8) == 0, "commits: nothing");
+        int32_t m = residency_predict_promotions(&r, 0, h, 1, s, pred2, 1);
+        CHECK(m == (n > 0) && (m == 0 || pred2[0] == pred[0]), "max caps the list, best first");
+        for (int32_t i = 1; i < n; i++)
+            CHECK(h[pred[i - 1]] > h[pred[i]] || (h[pred[i - 1]] == h[pred[i]] && pred[i - 1] < pred[i]),
+                  "best first");
+        tide_residency_plan p;
+        CHECK(residency_plan(&r, 0, h, 1, s, &p) == TIDE_OK, "plan");
+        int32_t n_prom = 0;
+        for (int32_t i = 0; i < p.n_moves; i++) {
+            if (p.moves[i].kind != RESIDENCY_PROMOTE) continue;
+            int found = 0;
+            for (int32_t j = 0; j < n; j++) found |= pred[j] == p.moves[i].expert;
+            CHECK(found, "it %d: promoted %d not predicted", it, p.moves[i].expert);
+            n_prom++;
+        }
+        CHECK(n_prom == n, "it %d: %d promoted, %d predicted", it, n_prom, n);
+        CHECK(execute(&r, 0, &p), "execute");
+    }
+    residency_free(&r);
+    r = make(1, 8, TIDE_POLICY_SWAP, b, 1);
+    const int32_t h[8] = {1, 1, 1, 1, 0, 0, 0, 0};
+    int32_t pred[8];
+    CHECK(residency_predict_promotions(&r, 0, h, 1, 0, pred, 8) == 0, "swap: no prediction");
+    residency_free(&r);
+}
+
 int main(void) {
     test_cpu();
     test_gpu();
@@ -388,6 +433,7 @@ int main(void) {
     test_static_profile();
     test_swap();
     test_tide();
+    test_predict();
     test_layers_and_switch();
     test_errors();
     test_random();

@@ -48,6 +48,10 @@ def add_model_options(p):
                    help="device slots per MoE layer: one number, or one per MoE layer")
     o.add_argument("--refresh-interval", type=_positive(int), default=None, metavar="TAU",
                    help="tide: refresh the resident set every TAU steps (default: 4)")
+    o.add_argument("--prefetch-experts", type=int, default=None, metavar="N",
+                   help="tide: at a refresh, start copying up to N experts per MoE layer "
+                        "(predicted from the layer's previous routing) while the layers before "
+                        "it compute; the answer is unchanged (default: 0, off)")
 
 
 def add_generation_options(p, max_tokens=256):
@@ -90,7 +94,8 @@ def load_model(args, trace=False):
 
     kw = {"device": args.device}
     for opt, name in (("threads", "n_threads"), ("n_ctx", "n_ctx"), ("policy", "policy"),
-                      ("gpu_experts", "gpu_experts"), ("refresh_interval", "refresh_interval")):
+                      ("gpu_experts", "gpu_experts"), ("refresh_interval", "refresh_interval"),
+                      ("prefetch_experts", "prefetch_experts")):
         v = getattr(args, opt, None)
         if v is not None:
             kw[name] = v
@@ -129,4 +134,8 @@ def stats_lines(gen_stats, model_stats=None):
             f"experts ({m.get('policy', '?')} on {m.get('device', '?')}): promoted "
             f"{m.get('experts_promoted', 0)}, demoted {m.get('experts_demoted', 0)}, H2D "
             f"{fmt_bytes(m.get('h2d_bytes', 0))}; expert pairs device {dev} / host {host}{share}")
+        if m.get("prefetch_bytes"):
+            lines.append(f"prefetch: {fmt_bytes(m['prefetch_bytes'])} copied ahead, "
+                         f"{m.get('prefetch_used', 0)} of {m.get('experts_promoted', 0)} "
+                         "promotions served by it")
     return lines

@@ -15,6 +15,8 @@ def add_parser(sub):
     p.add_argument("--gpu-experts", default="32",
                    help="expert slots per MoE layer (an int, or a comma list per layer)")
     p.add_argument("--refresh-interval", type=int, default=4)
+    p.add_argument("--prefetch-experts", type=int, default=0, metavar="N",
+                   help="tide: experts per MoE layer copied ahead of a refresh (default: 0)")
     p.add_argument("--device", default="auto", choices=["auto", "sim", "cuda", "cpu"])
     p.add_argument("-t", "--threads", type=int)
     p.add_argument("--prompts", help="text file, one prompt per line")
@@ -46,7 +48,7 @@ def _budget_arg(s):
 
 
 def bench_policy(path, policy, budget, tau, device, threads, prompts, gen_kw, popularity=None,
-                 warmup=1, device_memory=None, profile=None, repeat=1, chat=False):
+                 warmup=1, device_memory=None, profile=None, repeat=1, chat=False, prefetch=0):
     """One policy over the prompts: a dict of totals, the tokens of every prompt. Each prompt
     runs `repeat` times; its time is the median of the repeats (a loaded machine is noisy).
     chat: each prompt is a user message in the model's chat template (as generate --chat)."""
@@ -55,6 +57,8 @@ def bench_policy(path, policy, budget, tau, device, threads, prompts, gen_kw, po
     from ..planner import predict
     from ..tokenizer import tokenizer_of
     kw = dict(device=device, n_threads=threads, policy=policy, refresh_interval=tau, trace=True)
+    if prefetch and policy in ("tide", "auto"):
+        kw["prefetch_experts"] = prefetch
     if policy not in ("gpu", "cpu"):
         kw["gpu_experts"] = budget
     if policy == "static" and popularity is not None:
@@ -94,11 +98,15 @@ def bench_policy(path, policy, budget, tau, device, threads, prompts, gen_kw, po
             wall += float(np.median(walls))
             core += float(np.median(cores))
         st = m.stats()
+        eb = m.hparams["expert_bytes"]
     n_runs = max(repeat, 1)
     pairs = st["device_expert_tokens"] + st["host_expert_tokens"]
+    # bytes that really crossed: promotions served by a prefetched copy moved no bytes of their
+    # own, and every prefetched copy, used or not, did
+    moved = st["h2d_bytes"] - st["prefetch_used"] * eb + st["prefetch_bytes"]
     return {
         "policy": policy, "steps": steps, "tokens": ntok, "wall": wall, "core": core,
-        "h2d_bytes": st["h2d_bytes"] / n_runs, "host_pairs": st["host_expert_tokens"] / n_runs,
+        "h2d_bytes": moved / n_runs, "host_pairs": st["host_expert_tokens"] / n_runs,
         "hit_rate": st["device_expert_tokens"] / pairs if pairs else 0.0,
         "pred": pred_t if predicted else None,
         "budgets": st.get("budgets"), "refresh_interval": st.get("refresh_interval"),
@@ -127,7 +135,7 @@ def run(args):
         try:
             row, toks = bench_policy(args.model, pol, budget, args.refresh_interval, device,
                                      args.threads, prompts, gen_kw, popularity, args.warmup, dm,
-                                     profile, args.repeat, args.chat)
+                                     profile, args.repeat, args.chat, args.prefetch_experts)
         except Exception as e:  # a policy that cannot run here (gpu too large): say why, go on
             print(f"  {pol}: {type(e).__name__}: {e}", file=sys.stderr)
             rows.append({"policy": pol, "error": str(e)})
@@ -156,7 +164,8 @@ def run(args):
     desc = (f"model {args.model}, device {device}, budget {args.gpu_experts}, refresh interval "
             f"{args.refresh_interval}, {len(prompts)} prompt(s), max_tokens {args.max_tokens}, "
             f"block {args.block_length}, steps {args.steps}, threshold {args.threshold}, "
-            f"median of {args.repeat} run(s)" + (f", profile {args.profile}" if args.profile else ""))
+            f"median of {args.repeat} run(s)" + (f", profile {args.profile}" if args.profile else "")
+            + (f", tide prefetch {args.prefetch_experts}" if args.prefetch_experts else ""))
     print(desc)
     print("\n".join(table))
     if args.markdown:
