@@ -153,9 +153,10 @@ def engine_answers(model, questions, block_length=BLOCK_LENGTH, steps=STEPS,
     return out
 
 
-# (policy, gpu_experts) pairs checked by --policies; budgets are slots per MoE layer.
-POLICY_GRID = [("cpu", None), ("gpu", None), ("static", 4), ("static", 16), ("swap", 4),
-               ("swap", 8), ("tide", 2), ("tide", 4), ("tide", 16)]
+# (policy, gpu_experts, prefetch_experts) checked by --policies; budgets are slots per MoE layer.
+POLICY_GRID = [("cpu", None, 0), ("gpu", None, 0), ("static", 4, 0), ("static", 16, 0),
+               ("swap", 4, 0), ("swap", 8, 0), ("tide", 2, 0), ("tide", 4, 0), ("tide", 16, 0),
+               ("tide", 4, 4)]
 
 
 def main(argv=None):
@@ -196,12 +197,12 @@ def main(argv=None):
 
     qs = held_out_set(args.n)
     questions = [q for q, _, _ in qs]
-    grid = POLICY_GRID if args.policies else [(args.policy, args.gpu_experts)]
+    grid = POLICY_GRID if args.policies else [(args.policy, args.gpu_experts, 0)]
     first = None
     ok = True
-    for policy, budget in grid:
+    for policy, budget, prefetch in grid:
         kw = dict(device=args.device, policy=policy, refresh_interval=args.refresh_interval,
-                  n_threads=args.threads)
+                  n_threads=args.threads, prefetch_experts=prefetch)
         if budget is not None:
             kw["gpu_experts"] = budget
         t0 = time.time()
@@ -219,8 +220,9 @@ def main(argv=None):
         moved = st.get("experts_promoted", "?")
         host = st.get("host_expert_tokens", "?")
         dev = st.get("device_expert_tokens", "?")
+        pf = f" prefetch={prefetch} (used {st['prefetch_used']})" if prefetch else ""
         print(f"{args.device:4s} {policy:6s} budget={str(budget):4s} accuracy {acc:.1%} "
-              f"{by_task(rows)}  promoted={moved} pairs device/host={dev}/{host}  "
+              f"{by_task(rows)}  promoted={moved}{pf} pairs device/host={dev}/{host}  "
               f"({time.time() - t0:.0f} s) {same}")
         if args.verbose:
             for q, a, g, _ in rows:
