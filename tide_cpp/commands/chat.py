@@ -2,7 +2,9 @@
 ollama's: the conversation goes through the model's chat template, replies stream block by
 block, /reset forgets the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply."""
 
+import signal
 import sys
+import threading
 
 from . import _options
 
@@ -127,6 +129,10 @@ def _read_line(prompt):
 
 
 def run(args):
+    # Ctrl-C ends the turn (KeyboardInterrupt), whatever the parent did with SIGINT: a shell's
+    # background job or nohup starts us with it ignored, and Python then keeps it ignored.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
