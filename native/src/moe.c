@@ -28,6 +28,24 @@ static tide_status res_fail(tide_context *ctx, tide_status st) {
     return tide_ctx_fail(ctx, st, "residency: %s", residency_error(&ctx->res));
 }
 
+/* Bytes of one expert slot: gate, up and down, each 256-byte aligned. */
+static size_t slot_bytes_of(const tide_layer_weights *L) {
+    return ALIGN_UP(L->exp_gate[0].nbytes, 256) + ALIGN_UP(L->exp_up[0].nbytes, 256) +
+           ALIGN_UP(L->exp_down[0].nbytes, 256);
+}
+
+/* Copy expert e's three matrices from host memory into a slot's (or a buffer's) views, async
+ * on the transfer stream. */
+static tide_status upload_expert(tide_backend *be, const tide_layer_weights *L, int32_t e,
+                                 const tide_matrix *gate, const tide_matrix *up,
+                                 const tide_matrix *down) {
+    tide_status st = be->i->upload_async(be, gate->data, L->exp_gate[e].data, L->exp_gate[e].nbytes);
+    if (st == TIDE_OK) st = be->i->upload_async(be, up->data, L->exp_up[e].data, L->exp_up[e].nbytes);
+    if (st == TIDE_OK)
+        st = be->i->upload_async(be, down->data, L->exp_down[e].data, L->exp_down[e].nbytes);
+    return st;
+}
+
 /* Execute the moves of one wave of a plan: promotions are copies into slots (transfer stream),
  * except those of experts marked in `served` (already in their slot from a prefetch buffer). */
 static tide_status run_moves(tide_context *ctx, int32_t ml, const tide_residency_plan *p,
@@ -43,9 +61,8 @@ static tide_status run_moves(tide_context *ctx, int32_t ml, const tide_residency
         if (s < 0 || s >= M->budget)
             return tide_ctx_fail(ctx, TIDE_ERR_DEVICE, "residency: slot %d outside %d slots", s,
                                  M->budget);
-        TRY(be->i->upload_async(be, M->slot_gate[s].data, L->exp_gate[e].data, L->exp_gate[e].nbytes), "expert upload");
-        TRY(be->i->upload_async(be, M->slot_up[s].data, L->exp_up[e].data, L->exp_up[e].nbytes), "expert upload");
-        TRY(be->i->upload_async(be, M->slot_down[s].data, L->exp_down[e].data, L->exp_down[e].nbytes), "expert upload");
+        TRY(upload_expert(be, L, e, &M->slot_gate[s], &M->slot_up[s], &M->slot_down[s]),
+            "expert upload");
     }
     return TIDE_OK;
 }
@@ -177,8 +194,7 @@ static tide_status make_slots(tide_context *ctx) {
         M->budget = b;
         M->st.budget = b;
         if (b <= 0) continue;
-        M->slot_bytes = ALIGN_UP(L->exp_gate[0].nbytes, 256) + ALIGN_UP(L->exp_up[0].nbytes, 256) +
-                        ALIGN_UP(L->exp_down[0].nbytes, 256);
+        M->slot_bytes = slot_bytes_of(L);
         tide_status st = ctx->be->i->alloc(ctx->be, (size_t)b * M->slot_bytes, &M->slot_mem);
         if (st != TIDE_OK) {
             M->budget = 0;
@@ -226,9 +242,8 @@ tide_status tide_moe_prefetch(tide_context *ctx, int32_t ml, int32_t step_in_blo
     for (int32_t p = 0; p < M->n_prefetch; p++) M->pf_expert[p] = p < n ? pred[p] : -1;
     for (int32_t p = 0; p < n; p++) {
         int32_t e = pred[p];
-        TRY(be->i->upload_async(be, M->pf_gate[p].data, L->exp_gate[e].data, L->exp_gate[e].nbytes), "prefetch upload");
-        TRY(be->i->upload_async(be, M->pf_up[p].data, L->exp_up[e].data, L->exp_up[e].nbytes), "prefetch upload");
-        TRY(be->i->upload_async(be, M->pf_down[p].data, L->exp_down[e].data, L->exp_down[e].nbytes), "prefetch upload");
+        TRY(upload_expert(be, L, e, &M->pf_gate[p], &M->pf_up[p], &M->pf_down[p]),
+            "prefetch upload");
         M->st.prefetch_bytes += ctx->model->hp.expert_bytes;
     }
     return TIDE_OK;
@@ -253,7 +268,6 @@ static void take_prefetched(tide_context *ctx, tide_moe_layer *M, const tide_res
             t = M->slot_gate[s], M->slot_gate[s] = M->pf_gate[b], M->pf_gate[b] = t;
             t = M->slot_up[s], M->slot_up[s] = M->pf_up[b], M->pf_up[b] = t;
             t = M->slot_down[s], M->slot_down[s] = M->pf_down[b], M->pf_down[b] = t;
-            M->pf_expert[b] = -1;
             served[mv->expert] = 1;
             M->st.prefetch_used++;
             break;
@@ -281,8 +295,7 @@ tide_status tide_moe_set_residency(tide_context *ctx, int32_t policy, const int3
         if (b > E) b = E;
         b_all[i] = b;
         const tide_layer_weights *L = &m->w.layers[layer_index(ctx, i)];
-        uint64_t sb = ALIGN_UP(L->exp_gate[0].nbytes, 256) + ALIGN_UP(L->exp_up[0].nbytes, 256) +
-                      ALIGN_UP(L->exp_down[0].nbytes, 256);
+        uint64_t sb = slot_bytes_of(L);
         need += (uint64_t)(b + n_prefetch_for(ctx, policy, b)) * sb;
         held += (uint64_t)(ctx->moe[i].budget + ctx->moe[i].n_prefetch) * ctx->moe[i].slot_bytes;
     }
