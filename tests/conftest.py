@@ -32,7 +32,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_checkpoint, tmp_path_factory):
     """tiny_gguf(shape="base", outtype="f32", seed=0) -> (gguf path, config, weights)."""
-    from convert import convert
+    from tide_cpp.convert import convert
 
     root = tmp_path_factory.mktemp("tiny_gguf")
     cache = {}

@@ -350,11 +350,11 @@ def _tokenizer_cached(vocab_size):
 
 def write_tiny_gguf(dir, name="tiny", seed=0, eos_bias=None, outtype="f32", **overrides):
     """Write the tiny checkpoint (EOS-biased when eos_bias = (like, scale)) and convert it:
-    (cfg, weights, path of the .gguf). Needs the converter (convert/)."""
+    (cfg, weights, path of the .gguf). Needs the converter (tide_cpp/convert/)."""
     import os
 
     import hf_checkpoint as hc
-    from convert.hf_to_gguf import convert
+    from tide_cpp.convert.hf_to_gguf import convert
 
     cfg = hc.make_config(**overrides)
     tok_json, tok_cfg = _tokenizer_cached(cfg["vocab_size"])
