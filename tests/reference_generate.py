@@ -1,6 +1,6 @@
 """PyTorch reference of LLaDA2.0's released `generate()` (block diffusion), on `reference.forward`.
 
-The oracle for `tide_cpp/generation.py`. Written from ../shared/LLADA2.md section 4 and the
+The oracle for `tide_cpp/generation.py`. Written from docs/GENERATION.md and the
 released `LLaDA2MoeModelLM.generate` / `_sample_with_temperature_topk_topp`. Like the released
 code it keeps **no cache**: every step re-runs the whole window (prompt + blocks so far) with the
 block-causal mask, which is what the cached engine must reproduce token for token.
