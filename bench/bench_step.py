@@ -1,4 +1,4 @@
-"""One denoising step of LLaDA2.0-mini's real shapes on the CPU backend (issue 3's benchmark).
+"""One denoising step of LLaDA2.0-mini's real shapes on the CPU backend.
 
 A GGUF with mini's shapes (hidden 2048, 16/4 heads of 128, dense FFN 5120, 256 routed experts of
 512, top-8, groups 8/4, one shared expert, vocabulary 157184) but only a few layers (default 2:

@@ -1,5 +1,5 @@
 """Shared fixtures: tiny checkpoints (tests/hf_checkpoint.py) converted to GGUF, built once per
-session in a temporary folder and only for the (shape, outtype) pairs a test asks for."""
+test run in a temporary folder and only for the (shape, outtype) pairs a test asks for."""
 
 import os
 import sys
@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """tiny_checkpoint(shape="base", seed=0) -> (dir, config, weights): an HF folder of a tiny
-    random LLaDA2.0 (hf_checkpoint.SHAPES), written once per session."""
+    random LLaDA2.0 (hf_checkpoint.SHAPES), written once per test run."""
     import hf_checkpoint as hfc
 
     root = tmp_path_factory.mktemp("tiny_ckpt")

@@ -311,7 +311,7 @@ def reply_of(out, sent):
     return out[i + len(sent):].lstrip("\n").rstrip("\n")
 
 
-def test_chat_session_on_a_terminal(gguf, models):
+def test_chat_on_a_terminal(gguf, models):
     need_engine(gguf)
     m = models["plain"]
     kw = dict(max_tokens=16, block_length=B, steps=B)

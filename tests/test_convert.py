@@ -1,4 +1,4 @@
-"""The converter (issue 2): round trips of every tiny shape and outtype, and every bad input.
+"""The converter: round trips of every tiny shape and outtype, and every bad input.
 
 The expected layout is written out here from CONTRACTS.md §1, independently of tide_cpp/convert/."""
 

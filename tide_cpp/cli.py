@@ -18,12 +18,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"tide_cpp.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"tide_cpp.commands.{name}":
-                continue  # subcommand not part of this build
-            raise
+        mod = importlib.import_module(f"tide_cpp.commands.{name}")
         p = mod.add_parser(sub)
         p.set_defaults(_run=mod.run)
     return parser

@@ -86,7 +86,7 @@ class Model:
 
     def __init__(self, path, device="cpu", n_threads=None, n_ctx=None, policy="gpu",
                  gpu_experts=None, refresh_interval=4, trace=False, device_memory=None,
-                 popularity=None, verbose=False, prefetch_experts=0):
+                 popularity=None, prefetch_experts=0):
         self._model = None
         self._ctx = None
         self._lib = _lib.lib()
@@ -100,7 +100,6 @@ class Model:
             raise ValueError(f"device_memory: {device_memory!r} is negative")
         self.device = device
         self.path = os.fspath(path)
-        self.verbose = verbose
 
         err = ctypes.create_string_buffer(_ERR_LEN)
         mp = ctypes.c_void_p()
