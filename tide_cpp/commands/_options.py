@@ -173,13 +173,11 @@ def add_prompt_options(p, many=True, chat=True):
     """-p: one prompt (many=False: '-' or left out reads standard input), or repeatable prompts
     with --prompts FILE; --chat wraps them in the model's chat template."""
     g = p.add_argument_group("prompts")
+    g.add_argument("-p", "--prompt", action="append" if many else "store",
+                   help="a prompt (repeatable; default: a few built in)" if many
+                   else "the prompt text ('-' or left out: read standard input)")
     if many:
-        g.add_argument("-p", "--prompt", action="append",
-                       help="a prompt (repeatable; default: a few built in)")
         g.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line")
-    else:
-        g.add_argument("-p", "--prompt", help="the prompt text ('-' or left out: read standard "
-                                              "input)")
     if chat:
         g.add_argument("--chat", action="store_true",
                        help="wrap each prompt in the model's chat template as a user message")
@@ -196,12 +194,10 @@ def add_hw_profile_option(p, required, help):
 
 
 def add_trace_option(p, output):
-    if output:
-        p.add_argument("--trace", metavar="FILE.npz",
-                       help="save the routing trace of every forward (input of tide-cli plan)")
-    else:
-        p.add_argument("--trace", required=True, metavar="FILE.npz",
-                       help="routing trace (tide-cli generate --trace)")
+    """--trace FILE.npz: the routing trace a run writes (output) or a command reads."""
+    p.add_argument("--trace", required=not output, metavar="FILE.npz",
+                   help="save the routing trace of every forward (input of tide-cli plan)"
+                   if output else "routing trace (tide-cli generate --trace)")
 
 
 def add_taus_option(p, default, help):
