@@ -71,7 +71,8 @@ def write_model(path, outtype, n_layers, rng):
     c = MINI
     H, hd, E = c["H"], c["hd"], c["E"]
     qt = QTYPE[outtype]
-    mat, vec = [], []  # (name, rows, cols, qt | None for exact f32 data)
+    # (name, rows, cols, storage type, how to fill it: None from the random pool, or exact f32
+    # "norm", "bias", "router")
     tensors = [("token_embd.weight", c["vocab"], H, qt, None)]
     for n in range(n_layers):
         p = f"blk.{n}."

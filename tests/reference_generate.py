@@ -366,13 +366,3 @@ def write_tiny_gguf(dir, name="tiny", seed=0, eos_bias=None, outtype="f32", **ov
     out = os.path.join(str(dir), name + ".gguf")
     convert(src, out, outtype, progress=False)
     return cfg, w, out
-
-
-def engine_available():
-    """'' when tide_cpp.Model can run here, else why not."""
-    try:
-        from tide_cpp import _lib
-        _lib.lib()
-    except Exception as e:
-        return f"native library unavailable: {e}"
-    return ""

@@ -255,18 +255,10 @@ def test_shipped_profiles_load():
         assert prof.method and prof.machine and prof.h2d_bandwidth > 0
 
 
-# ---- on the engine (skipped until it is built) -------------------------------------------------------
-
-def _engine_or_skip():
-    try:
-        from tide_cpp.model import Model  # noqa: F401
-    except Exception as e:
-        pytest.skip(f"native engine unavailable: {e}")
-
+# ---- on the engine ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    _engine_or_skip()
     from test_replay import build_tiny_gguf
     return build_tiny_gguf(tmp_path_factory.mktemp("tiny_planner"))
 
