@@ -75,7 +75,8 @@ def resolve_device(device):
 
 
 class Model:
-    """A LLaDA2.0 GGUF on a backend: device cpu | sim | cuda | auto.
+    """A LLaDA2.0 GGUF on a backend: device cpu | sim | cuda | auto (cuda when a GPU is usable,
+    else cpu).
 
     policy gpu | cpu | static | swap | tide decides which routed experts sit on the device;
     gpu_experts is the slot budget of every MoE layer (an int) or one per MoE layer (a list);
