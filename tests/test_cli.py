@@ -124,3 +124,21 @@ def test_no_import_circle(nested):
     assert "tide_cpp.model" in graph["tide_cpp.commands.plan"] or nested is False
     assert "tide_cpp.convert.hf_to_gguf" in graph
     assert find_cycle(graph) is None
+
+
+def test_device_auto_is_cuda_else_cpu_in_bench(tiny_gguf, capsys):
+    """bench's --device auto is Model's: cuda when usable, else cpu (with a word on what cpu means
+    for a comparison of policies)."""
+    from tide_cpp import _lib
+    from tide_cpp.cli import main
+    from tide_cpp.model import resolve_device
+    path, _, _ = tiny_gguf("base", "f32")
+    want = "cuda" if _lib.cuda_available()[0] else "cpu"
+    assert resolve_device("auto") == want
+    rc = main(["bench", "-m", path, "-t", "1", "--policies", "cpu,tide", "--gpu-experts", "2",
+               "--max-tokens", "4", "--block-length", "4", "--steps", "4", "--warmup", "0",
+               "-p", "Hi"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert f"device {want}," in out.out
+    assert ("--device sim simulates a device" in out.err) == (want == "cpu")
