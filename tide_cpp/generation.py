@@ -158,7 +158,7 @@ def check_params(model, prompt, max_tokens=256, block_length=32, steps=32, thres
         raise ValueError(f"block_length must be a positive integer, got {block_length!r}")
     if not _is_int(steps) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if steps > block_length:
+    if steps > block_length and editing_threshold is None:   # the 2.1 loop has no step count
         raise ValueError(f"steps ({steps}) must not exceed block_length ({block_length}): a "
                          "step commits at least one token")
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens <= 0):

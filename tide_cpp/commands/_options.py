@@ -77,6 +77,29 @@ def add_generation_options(p, max_tokens=256):
                    help="cap steps per block at max-tokens // K (default: 1)")
     g.add_argument("--no-eos-early-stop", dest="eos_early_stop", action="store_false",
                    help="finish the block after an end-of-text instead of stopping at once")
+    g.add_argument("--editing-threshold", type=float, default=None, metavar="E",
+                   help="LLaDA2.1 decoding: also replace filled tokens of the block whose "
+                        "prediction changed with probability above E (default: off, LLaDA2.0's "
+                        "schedule)")
+    g.add_argument("--max-post-steps", type=int, default=16, metavar="N",
+                   help="with editing: forwards allowed after a block has no mask left "
+                        "(default: 16)")
+    g.add_argument("--preset", choices=["quality", "speed"], action=_Preset, default=None,
+                   help="LLaDA2.1 model card settings: quality = threshold 0.7, editing 0.5; "
+                        "speed = threshold 0.5, editing 0.0 (both block 32, 16 post steps); "
+                        "options after it override it")
+
+
+class _Preset(argparse.Action):
+    """--preset NAME: set the generation options of tide_cpp.generation.PRESETS[NAME] now, so
+    that options given after it win."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        from tide_cpp.generation import PRESETS
+
+        setattr(namespace, self.dest, value)
+        for name, v in PRESETS[value].items():
+            setattr(namespace, name, v)
 
 
 def generation_kwargs(args):
@@ -84,7 +107,8 @@ def generation_kwargs(args):
     return dict(max_tokens=args.max_tokens, block_length=args.block_length, steps=args.steps,
                 threshold=args.threshold, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, minimal_topk=args.minimal_topk,
-                eos_early_stop=args.eos_early_stop)
+                eos_early_stop=args.eos_early_stop, editing_threshold=args.editing_threshold,
+                max_post_steps=args.max_post_steps)
 
 
 def load_model(args, trace=False):
@@ -124,7 +148,8 @@ def stats_lines(gen_stats, model_stats=None):
         f"tokens: {s['tokens']} in {s['seconds']:.2f} s ({s['tokens_per_second']:.1f} tokens/s), "
         f"prompt {s['prompt_tokens']} tokens",
         f"diffusion: {s['steps']} steps over {s['blocks']} blocks of {s['block_length']}, "
-        f"{s['tokens_per_forward']:.2f} tokens per forward",
+        f"{s['tokens_per_forward']:.2f} tokens per forward"
+        + (f", {s['edits']} edits, {s['post_steps']} post steps" if "edits" in s else ""),
     ]
     if model_stats:
         m = model_stats
