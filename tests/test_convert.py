@@ -127,6 +127,8 @@ def expected_hparams(cfg):
         "rope.dimension_count": int(hd * cfg["partial_rotary_factor"]),
         "rope.freq_base": float(cfg["rope_theta"]),
         "vocab_size": cfg["vocab_size"],
+        "expert_shared_feed_forward_length": (cfg["moe_intermediate_size"]
+                                              * cfg["num_shared_experts"]),
     }
 
 
@@ -216,6 +218,7 @@ def test_round_trip(checkpoints, out_dir, shape, outtype):
     keys = {k for k in reader.fields if not k.startswith("GGUF.")}
     assert keys == ({"general." + k for k in ("architecture", "name", "alignment", "file_type",
                                               "quantization_version")}
+                    | {"diffusion.shift_logits", "tokenizer.ggml.eot_token_id"}
                     | {"llada2." + k for k in expected_hparams(cfg)}
                     | {"tokenizer.ggml." + k for k in (
                         "model", "pre", "tokens", "token_type", "merges", "bos_token_id",
@@ -257,6 +260,7 @@ def _check_tokenizer(reader, cfg, tok_json):
     assert merges == [m if isinstance(m, str) else " ".join(m) for m in model_merges]
     assert _scalar(reader, "tokenizer.ggml.bos_token_id", _U32) == ids["<|startoftext|>"]
     assert _scalar(reader, "tokenizer.ggml.eos_token_id", _U32) == ids["<|endoftext|>"]
+    assert _scalar(reader, "tokenizer.ggml.eot_token_id", _U32) == ids["<|role_end|>"]
     assert _scalar(reader, "tokenizer.ggml.padding_token_id", _U32) == ids["<|endoftext|>"]
     assert _scalar(reader, "tokenizer.ggml.mask_token_id", _U32) == ids["<|mask|>"]
     assert _scalar(reader, "tokenizer.ggml.add_bos_token", _BOOL) is False
