@@ -279,3 +279,49 @@ def test_engine_seeded_sampling(engine):
     c = model.generate(ids, seed=8, **kw)
     assert a.tokens == b.tokens and a.stats["edits"] == b.stats["edits"]
     assert a.tokens != c.tokens
+
+
+def test_cli_generate_with_a_preset(engine):
+    import os
+    import subprocess
+    import sys
+
+    cfg, w, model = engine
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    want = generation.generate(model, model.tokenize("Hello, world!"), max_tokens=20,
+                               **{**generation.PRESETS["speed"], "block_length": B})
+    assert want.stats["edits"] > 0
+    r = subprocess.run([sys.executable, "-m", "tide_cpp.cli", "generate", "-m", model.path,
+                        "--device", "cpu", "--threads", "1", "-p", "Hello, world!",
+                        "--max-tokens", "20", "--preset", "speed", "--block-length", str(B)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": root, "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.text + "\n"
+    assert f"{want.stats['edits']} edits, {want.stats['post_steps']} post steps" in r.stderr
+
+
+def test_visual_canvas_marks_edits(tiny):
+    import io
+
+    from tide_cpp.commands.generate import BOLD, EDITED, CanvasView
+
+    cfg, w, m = tiny
+    ids = prompt_ids(m, 8)
+    frames = []
+    out = io.StringIO()
+    view = CanvasView(m.tokenizer, out)
+
+    def on_step(info):
+        frames.append((info, view._render(info)))
+
+    generation.generate(m, ids, max_tokens=16, block_length=B, threshold=0.5,
+                        editing_threshold=0.0, on_step=on_step)
+    edited = [(i, styled) for i, (_, styled) in frames if len(i.edited)]
+    assert edited
+    for info, styled in edited:
+        in_answer = [p for p in info.edited if p < info.prompt_length + info.max_tokens]
+        if in_answer:   # an edited token of the answer is drawn in the edit style
+            assert EDITED in styled
+    plain_only = [s for i, (_, s) in frames if not len(i.edited) and len(i.committed)]
+    assert all(EDITED not in s and BOLD in s for s in plain_only)
