@@ -248,6 +248,7 @@ class LowConfidence:
     """LLaDA2.0's rule: unmask by threshold, at least the schedule's count; no editing."""
 
     in_step_eos_check = True   # the released 2.0 loop stops mid-block on a committed EOS
+    post_step = False          # every step has a mask to fill
 
     def __init__(self, p, mask_id, block, n_prompt):
         self.mask_id = mask_id
@@ -396,7 +397,7 @@ class _Decoder:
                                        top_k=p["top_k"], top_p=p["top_p"], seed=seed)
                 tokens = np.asarray(tokens)
                 probs = np.asarray(probs, dtype=np.float32)
-                post = bool(getattr(rule, "post_step", False))
+                post = rule.post_step     # read before apply() fills the last masks
                 chosen, edited, replaced = rule.apply(block, i, tokens, probs)
                 c["steps"] += 1
                 c["edits"] += len(edited)
