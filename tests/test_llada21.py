@@ -116,6 +116,15 @@ def test_steps_and_prompt_never_edited(tiny):
         assert s.eog_token_ids == end_of_generation_ids(m)
         prev = s
     assert any(s.post_step for s in seen)
+    # the same as plain values, for a live canvas elsewhere (a web page)
+    import json
+    for s in seen:
+        ch = s.changes()
+        assert json.loads(json.dumps(ch)) == ch
+        assert [c["position"] for c in ch] == sorted(list(s.committed) + list(s.edited))
+        for c in ch:
+            assert c["token"] == s.canvas[c["position"]]
+            assert (c["replaced"] is None) == (c["position"] in set(s.committed))
 
 
 def test_blocks_enter_the_cache_with_their_final_tokens(tiny):

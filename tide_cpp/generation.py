@@ -95,6 +95,17 @@ class StepInfo:
     eog_token_ids: frozenset = frozenset()  # every token that ends the answer (EOS included)
     post_step: bool = False  # editing: a step taken after the block had no mask left
 
+    def changes(self):
+        """This step's changes as plain values, in position order (ready for JSON): dicts
+        {position, token, prob, replaced}; replaced is None for an unmasked position and the
+        previous token for an edited one."""
+        out = [{"position": int(q), "token": int(self.canvas[q]), "prob": float(pr),
+                "replaced": None} for q, pr in zip(self.committed, self.probs)]
+        out += [{"position": int(q), "token": int(self.canvas[q]), "prob": float(pr),
+                 "replaced": int(r)}
+                for q, pr, r in zip(self.edited, self.edited_probs, self.replaced)]
+        return sorted(out, key=lambda c: c["position"])
+
 
 class Stream:
     """Iterates the answer's text one finished block at a time (str deltas, never empty).
