@@ -336,3 +336,20 @@ def test_engine_stops_at_role_end_key(gguf_path):
 
     with Model(gguf_path, device="cpu", n_threads=1) as m:
         assert end_of_generation_ids(m) == {IDS["<|endoftext|>"], IDS["<|role_end|>"]}
+
+
+def test_bailingmoe2_split_equals_lings_original_spelling():
+    # llama.cpp reads tokenizer.ggml.pre = bailingmoe2 with the regex it took from Ling's
+    # tokenizer.json, spelled with possessive quantifiers and a single newline; it must split
+    # every text exactly as the spelling used here.
+    from tokenizers import Regex, pre_tokenizers
+
+    from tide_cpp.tokenizer import PRE_TOKENIZER_SPLITS
+
+    ling = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}"
+            r"| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")
+    ours = pre_tokenizers.Split(Regex(PRE_TOKENIZER_SPLITS["bailingmoe2"]), "isolated")
+    theirs = pre_tokenizers.Split(Regex(ling), "isolated")
+    corpus = _corpus() + ["\n\n  x", "a\r\n\r\n b", "it'S I'LL we'Ve", "  \n \n\t\nz"]
+    for text in corpus:
+        assert ours.pre_tokenize_str(text) == theirs.pre_tokenize_str(text), text

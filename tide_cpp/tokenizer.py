@@ -369,7 +369,8 @@ def read_gguf_metadata(path, arrays=()):
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 # tokenizer.ggml.pre -> the split regex of the Hugging Face pre-tokenizer it names (applied
 # before the byte-level mapping). bailingmoe2: Ling 2.0's, which LLaDA2 shares: GPT-4 style
-# contractions and words, digits one at a time.
+# contractions and words, digits one at a time (llama.cpp spells it with possessive quantifiers;
+# the splits are the same, tests/test_tokenizer.py checks).
 PRE_TOKENIZER_SPLITS = {
     "bailingmoe2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
