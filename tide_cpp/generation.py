@@ -508,7 +508,8 @@ def generate(model, prompt, max_tokens=256, block_length=32, steps=32, threshold
     editing_threshold: LLaDA2.1's decoding (token-to-token editing) in [0, 1]: filled tokens
     whose prediction changed with a probability above it are replaced; None (the default) is
     LLaDA2.0's schedule. max_post_steps: with editing, the forwards allowed after a block has no
-    mask left. `PRESETS` holds the model card's settings. on_step(StepInfo) after every step.
+    mask left. With editing, steps and minimal_topk are not used, and stats gains `edits` and
+    `post_steps`. `PRESETS` holds the model card's settings. on_step(StepInfo) after every step.
     Bad arguments raise ValueError, naming the argument, before anything runs."""
     ids, p = check_params(model, prompt, max_tokens, block_length, steps, threshold,
                           temperature, top_k, top_p, minimal_topk, eos_early_stop, seed, on_step,
