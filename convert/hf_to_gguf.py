@@ -1,4 +1,5 @@
-"""convert(src, out, outtype): a LLaDA2.0/2.1 HF checkpoint -> one GGUF (CONTRACTS.md §1), streamed.
+"""convert(src, out, outtype): a LLaDA2.0/2.1 HF checkpoint -> one GGUF (CONTRACTS.md §1),
+streamed.
 
 Everything is checked before the first byte is written (config, every tensor's presence, shape
 and byte range, the tokenizer, free disk space). Then the header, metadata and tensor infos are

@@ -61,13 +61,15 @@ _IGNORED = {
     "bos_token_id", "eos_token_id", "torch_dtype", "dtype", "transformers_version", "use_cache",
     "use_rmsnorm", "sliding_window", "head_dim", "partial_rotary_factor", "rotary_dim",
     "norm_topk_prob", "use_qk_norm", "moe_shared_expert_intermediate_size",
-    "using_split_qkv_in_self_attention", "_name_or_path", "rope_theta", "rope_parameters",
+    "using_split_qkv_in_self_attention", "_name_or_path",
 }
+_READ_BY_ROPE = {"rope_theta", "rope_parameters"}  # read by _rope
 
 
 def unused_fields(cfg):
     """Fields of cfg that the converter neither reads nor knows to be irrelevant."""
-    known = set(_REQUIRED_INT.values()) | set(_REQUIRED_FLOAT.values()) | set(_FIXED) | _IGNORED
+    known = (set(_REQUIRED_INT.values()) | set(_REQUIRED_FLOAT.values()) | set(_FIXED)
+             | _IGNORED | _READ_BY_ROPE)
     return sorted(set(cfg) - known)
 
 
@@ -196,8 +198,8 @@ def hparams(cfg):
     moe_i, n_sh = out["expert_feed_forward_length"][0], out["expert_shared_count"][0]
     sh = cfg.get("moe_shared_expert_intermediate_size")
     if sh is not None and sh != moe_i * n_sh:
-        _unsupported("moe_shared_expert_intermediate_size", sh,
-                     f"the engine needs moe_intermediate_size * num_shared_experts = {moe_i * n_sh}")
+        _unsupported("moe_shared_expert_intermediate_size", sh, "the engine needs "
+                     f"moe_intermediate_size * num_shared_experts = {moe_i * n_sh}")
     out["expert_shared_feed_forward_length"] = (moe_i * n_sh, "u32")
 
     # Consistency the engine relies on.

@@ -182,7 +182,8 @@ def _corpus():
         "   leading spaces", "trailing spaces   ", "\n\n\nnewlines\r\n\r\nCRLF\r", "\t\t tabs\t",
         "1234567890 3.14159 -42 1e10 0x1F 1,000,000 2024-12-01", "x=1;y=22;z=333",
         "I'm sure it's what you'd've done, they'll say. DON'T SHOUT'S",
-        "\u00e9t\u00e9 \u00c9T\u00c9 stra\u00dfe \u0130stanbul \u0131 \u03a9\u03c9 \u05e9\u05dc\u05d5\u05dd "
+        "\u00e9t\u00e9 \u00c9T\u00c9 stra\u00dfe \u0130stanbul \u0131 \u03a9\u03c9 "
+        "\u05e9\u05dc\u05d5\u05dd "
         "\u0645\u0631\u062d\u0628\u0627 \u0928\u092e\u0938\u094d\u0924\u0947 \ud55c\uad6d\uc5b4",
         "emoji \U0001F600\U0001F44D\U0001F3FD family \U0001F468\u200d\U0001F469\u200d\U0001F467",
         "combining e\u0301 a\u0308 zero\u200bwidth nbsp\u00a0here",
