@@ -354,3 +354,48 @@ def test_bailingmoe2_split_equals_lings_original_spelling():
     corpus = _corpus() + ["\n\n  x", "a\r\n\r\n b", "it'S I'LL we'Ve", "  \n \n\t\nz"]
     for text in corpus:
         assert ours.pre_tokenize_str(text) == theirs.pre_tokenize_str(text), text
+
+
+def _without_tokenizer_json(src, dst):
+    """A copy of the GGUF src without tokenizer.huggingface.json (as llama.cpp's files are)."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, r.get_field("general.architecture").contents())
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture",
+                                              "tokenizer.huggingface.json"):
+            continue
+        if key == "general.alignment":
+            w.add_custom_alignment(f.contents())
+        elif f.types[0] == GGUFValueType.ARRAY:
+            w.add_key_value(key, f.contents(), GGUFValueType.ARRAY, sub_type=f.types[1])
+        else:
+            w.add_key_value(key, f.contents(), f.types[0])
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_engine_runs_a_file_without_tokenizer_json(gguf_path, tmp_path, tok):
+    why = rg.engine_available()
+    if why:
+        pytest.skip(why)
+    from tide_cpp.model import Model
+
+    bare = _without_tokenizer_json(gguf_path, str(tmp_path / "bare.gguf"))
+    with Model(bare, device="cpu", n_threads=1) as m, \
+            Model(gguf_path, device="cpu", n_threads=1) as full:
+        assert m.metadata_string("tokenizer.huggingface.json") is None
+        for text in TEXTS:
+            assert m.tokenize(text) == tok.encode(text)
+        msgs = [{"role": "user", "content": "What is 37 plus 48?"}]
+        a = m.create_chat_completion(msgs, max_tokens=16, block_length=8, steps=8)
+        b = full.create_chat_completion(msgs, max_tokens=16, block_length=8, steps=8)
+        assert a["choices"][0]["message"] == b["choices"][0]["message"]
+        assert m.tokenizer.eog_token_ids == full.tokenizer.eog_token_ids
