@@ -399,3 +399,28 @@ def test_engine_runs_a_file_without_tokenizer_json(gguf_path, tmp_path, tok):
         b = full.create_chat_completion(msgs, max_tokens=16, block_length=8, steps=8)
         assert a["choices"][0]["message"] == b["choices"][0]["message"]
         assert m.tokenizer.eog_token_ids == full.tokenizer.eog_token_ids
+
+
+def test_ggml_lists_of_a_larger_vocabulary():
+    # a 4096-entry byte-level BPE (about 3800 merges) trained on this repository's own source
+    # and documents, rebuilt from the lists the converter writes: the same ids on its training
+    # files and the varied corpus
+    import glob
+
+    from convert.tokenizer_meta import tokenizer_meta
+    from tide_cpp.tokenizer import tokenizer_json_from_ggml
+
+    files = sorted(f for pat in ("tide_cpp/*.py", "convert/*.py", "docs/*.md", "README.md")
+                   for f in glob.glob(os.path.join(REPO, pat)))
+    texts = []
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            texts.append(fh.read())
+    tj, tc = hc.train_bpe_tokenizer(texts, 4096)
+    meta = tokenizer_meta(tj, tc, 4096, hc.make_config(vocab_size=4096))
+    assert len(meta["tokenizer.ggml.merges"]) > 2000
+    orig = HFTokenizer.from_str(tj)
+    rebuilt = HFTokenizer.from_str(tokenizer_json_from_ggml(*_ggml_lists(meta)))
+    for text in _corpus() + texts:
+        assert (orig.encode(text, add_special_tokens=False).ids
+                == rebuilt.encode(text, add_special_tokens=False).ids), text[:80]
