@@ -404,3 +404,64 @@ SHAPE_OVERRIDES = {
                  vocab_size=576),
 }
 SHAPES = {name: make_config(**o) for name, o in SHAPE_OVERRIDES.items()}
+
+
+# ---- the family's other config and tensor layouts ------------------------------------------
+
+# The fields of LLaDA2.0-mini's released config.json (2.1 has the same), exactly: no
+# use_qk_norm (the modeling code defaults it to true), no rope_scaling, no norm_head.
+RELEASED_MINI_KEYS = (
+    "architectures", "attention_dropout", "auto_map", "embedding_dropout",
+    "first_k_dense_replace", "head_dim", "hidden_act", "hidden_size", "intermediate_size",
+    "max_position_embeddings", "max_window_layers", "model_type", "moe_intermediate_size",
+    "moe_router_enable_expert_bias", "n_group", "norm_softmax", "norm_topk_prob",
+    "num_attention_heads", "num_experts", "num_experts_per_tok", "num_hidden_layers",
+    "num_key_value_heads", "num_shared_experts", "output_dropout", "output_router_logits",
+    "pad_token_id", "partial_rotary_factor", "rms_norm_eps", "rope_theta", "rotary_dim",
+    "routed_scaling_factor", "router_dtype", "score_function", "sliding_window",
+    "tie_word_embeddings", "topk_group", "torch_dtype", "transformers_version", "use_bias",
+    "use_cache", "use_qkv_bias", "use_rmsnorm", "use_sliding_window",
+    "using_split_qkv_in_self_attention", "vocab_size",
+)
+_RELEASED_VALUES = {"sliding_window": 4096, "max_window_layers": 28, "use_cache": False,
+                    "using_split_qkv_in_self_attention": False}
+
+
+def released_mini_config(**overrides):
+    """A config.json dict with exactly the fields of LLaDA2.0-mini's released one
+    (RELEASED_MINI_KEYS), the sizes shrunk as make_config's."""
+    base = {**make_config(**overrides), **_RELEASED_VALUES}
+    cfg = {k: base[k] for k in RELEASED_MINI_KEYS}
+    assert set(cfg) == set(RELEASED_MINI_KEYS)
+    return cfg
+
+
+def with_rope_parameters(cfg, rope_type="default"):
+    """cfg as newer transformers write it: rope_theta and partial_rotary_factor moved into
+    rope_parameters {rope_type, rope_theta, partial_rotary_factor}."""
+    cfg = dict(cfg)
+    rp = {"rope_type": rope_type, "rope_theta": cfg.pop("rope_theta")}
+    if "partial_rotary_factor" in cfg:
+        rp["partial_rotary_factor"] = cfg.pop("partial_rotary_factor")
+    cfg["rope_parameters"] = rp
+    return cfg
+
+
+def merge_experts(config, weights):
+    """(config, weights) of a dFactory (VeOmni) training checkpoint: model_type
+    llada2_moe_veomni, each MoE layer's routed experts stacked into one tensor per projection,
+    `model.layers.N.mlp.experts.{gate_proj,up_proj}` [E, moe_I, H] and `...down_proj`
+    [E, H, moe_I] (the fused experts module's parameters)."""
+    import torch
+
+    config = {**config, "model_type": "llada2_moe_veomni"}
+    out = {}
+    for name, t in weights.items():
+        if ".mlp.experts." not in name:
+            out[name] = t
+    for n in range(config["first_k_dense_replace"], config["num_hidden_layers"]):
+        p = f"model.layers.{n}.mlp.experts."
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            out[p + proj] = torch.stack([weights[f"{p}{e}.{proj}.weight"]
+                                         for e in range(config["num_experts"])])
+    return config, out

@@ -1,6 +1,6 @@
 """PyTorch reference of LLaDA2.0's released `generate()` (block diffusion), on `reference.forward`.
 
-The oracle for `tide_cpp/generation.py`. Written from docs/GENERATION.md and the
+The oracle for `tide_cpp/generation.py` (LLaDA2.0). Written from docs/GENERATION.md and the
 released `LLaDA2MoeModelLM.generate` / `_sample_with_temperature_topk_topp`. Like the released
 code it keeps **no cache**: every step re-runs the whole window (prompt + blocks so far) with the
 block-causal mask, which is what the cached engine must reproduce token for token.
@@ -115,6 +115,7 @@ def generate(cfg, w, prompt_ids, gen_length, *, mask_id, eos_id, block_length=32
              eos_early_stop=True, generator=None, forward=None):
     """The released generate(), without a cache. Returns a dict:
 
+    eos_id: one id, or several (every end-of-generation token: EOS, <|role_end|>, ...).
     tokens: the answer (generated ids before the first EOS, at most gen_length), list of int;
     canvas: the final canvas (list of int, masks where nothing was decoded);
     steps: denoising forwards; blocks: blocks decoded; eos: whether an EOS ended the answer.
@@ -131,8 +132,10 @@ def generate(cfg, w, prompt_ids, gen_length, *, mask_id, eos_id, block_length=32
             with torch.no_grad():
                 return reference.forward(cfg, w, ids, B)
 
+    eos = eos_ids(eos_id)
+
     def first_eos():
-        hits = (x[P:] == eos_id).nonzero()
+        hits = torch.isin(x[P:], eos).nonzero()
         return P + int(hits[0]) if len(hits) else None
 
     n_steps = n_blocks_done = 0
@@ -156,7 +159,7 @@ def generate(cfg, w, prompt_ids, gen_length, *, mask_id, eos_id, block_length=32
                 k = min(schedule[i], int(active.sum()))
                 transfer[torch.topk(conf, k)[1]] = True
             x[end - B:end][transfer] = x0[transfer]
-            if eos_early_stop and bool((x0[transfer] == eos_id).any()):
+            if eos_early_stop and bool(torch.isin(x0[transfer], eos).any()):
                 e = first_eos()
                 if e is not None and not bool((x[P:e] == mask_id).any()):
                     stopped = True
@@ -164,11 +167,22 @@ def generate(cfg, w, prompt_ids, gen_length, *, mask_id, eos_id, block_length=32
         if stopped or first_eos() is not None:  # only masks lie past `end`
             break
 
-    gen = x[P:P + gen_length].tolist()
-    eos = eos_id in gen
-    tokens = gen[:gen.index(eos_id)] if eos else gen
-    return {"tokens": tokens, "canvas": x.tolist(), "steps": n_steps, "blocks": n_blocks_done,
-            "eos": eos}
+    return answer(x, P, gen_length, eos, n_steps, n_blocks_done)
+
+
+def eos_ids(eos_id):
+    """The end-of-generation ids as a tensor, from one id or a collection."""
+    ids = [eos_id] if isinstance(eos_id, int) else sorted(int(t) for t in eos_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def answer(x, P, gen_length, eos, n_steps, n_blocks):
+    """The result dict of a finished canvas x (the answer cut before the first EOS)."""
+    gen = x[P:P + gen_length]
+    hits = torch.isin(gen, eos).nonzero()
+    cut = int(hits[0]) if len(hits) else len(gen)
+    return {"tokens": gen[:cut].tolist(), "canvas": x.tolist(), "steps": n_steps,
+            "blocks": n_blocks, "eos": bool(len(hits))}
 
 
 # ---- the engine's step interface on the reference --------------------------------------------
@@ -324,12 +338,13 @@ def tiny_model(seed=0, eos_bias=None, n_ctx=None, step_delay=0.0, **overrides):
     return cfg, w, m
 
 
-def bias_eos(cfg, w, scale, like=None):
-    """Weights whose lm_head EOS row is `scale` times the row of token `like` (default: a
-    common BPE token): EOS then wins where that token is likely, mid-answer, not everywhere."""
+def bias_eos(cfg, w, scale, like=None, token="<|endoftext|>"):
+    """Weights whose lm_head row of `token` (EOS by default) is `scale` times the row of token
+    `like` (default: a common BPE token): it then wins where that token is likely, mid-answer,
+    not everywhere."""
     import hf_checkpoint as hc
 
-    eos = hc.special_token_ids(cfg["vocab_size"])["<|endoftext|>"]
+    eos = hc.special_token_ids(cfg["vocab_size"])[token]
     w = dict(w)
     head = w["lm_head.weight"].clone()
     src = head[like if like is not None else 300].float()

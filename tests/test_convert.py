@@ -127,6 +127,8 @@ def expected_hparams(cfg):
         "rope.dimension_count": int(hd * cfg["partial_rotary_factor"]),
         "rope.freq_base": float(cfg["rope_theta"]),
         "vocab_size": cfg["vocab_size"],
+        "expert_shared_feed_forward_length": (cfg["moe_intermediate_size"]
+                                              * cfg["num_shared_experts"]),
     }
 
 
@@ -216,6 +218,7 @@ def test_round_trip(checkpoints, out_dir, shape, outtype):
     keys = {k for k in reader.fields if not k.startswith("GGUF.")}
     assert keys == ({"general." + k for k in ("architecture", "name", "alignment", "file_type",
                                               "quantization_version")}
+                    | {"diffusion.shift_logits", "tokenizer.ggml.eot_token_id"}
                     | {"llada2." + k for k in expected_hparams(cfg)}
                     | {"tokenizer.ggml." + k for k in (
                         "model", "pre", "tokens", "token_type", "merges", "bos_token_id",
@@ -257,6 +260,7 @@ def _check_tokenizer(reader, cfg, tok_json):
     assert merges == [m if isinstance(m, str) else " ".join(m) for m in model_merges]
     assert _scalar(reader, "tokenizer.ggml.bos_token_id", _U32) == ids["<|startoftext|>"]
     assert _scalar(reader, "tokenizer.ggml.eos_token_id", _U32) == ids["<|endoftext|>"]
+    assert _scalar(reader, "tokenizer.ggml.eot_token_id", _U32) == ids["<|role_end|>"]
     assert _scalar(reader, "tokenizer.ggml.padding_token_id", _U32) == ids["<|endoftext|>"]
     assert _scalar(reader, "tokenizer.ggml.mask_token_id", _U32) == ids["<|mask|>"]
     assert _scalar(reader, "tokenizer.ggml.add_bos_token", _BOOL) is False
@@ -565,3 +569,136 @@ def test_unreadable_dtype(tmp_path, out_dir):
     tj, tc = hfc.make_tokenizer(cfg["vocab_size"])
     d = hfc.write_checkpoint(str(tmp_path / "ck"), cfg, w, tj, tc)
     _convert_fails(d, out_dir, ["'model.layers.0.mlp.up_proj.weight'", "dtype I32"])
+
+
+# ---- the family: released key set, newer configs, training checkpoints, LLaDA2.2 -------------
+
+def _tensor_bytes(path):
+    r = GGUFReader(path)
+    return {t.name: bytes(t.data.tobytes()) for t in r.tensors}, r
+
+
+def _write(d, cfg, w):
+    tj, tc = hfc.make_tokenizer(cfg["vocab_size"])
+    return hfc.write_checkpoint(str(d), cfg, w, tj, tc)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A checkpoint whose config.json has exactly the fields of LLaDA2.0-mini's released one,
+    and its f32 GGUF: (dir, config, weights, gguf path)."""
+    root = tmp_path_factory.mktemp("released")
+    cfg = hfc.released_mini_config()
+    w = hfc.random_weights(cfg, 3)
+    d = _write(root / "ck", cfg, w)
+    out = str(root / "released.gguf")
+    convert(d, out, "f32", progress=False)
+    return d, cfg, w, out
+
+
+def test_released_key_set_converts_and_matches_the_reference(released, capsys):
+    d, cfg, w, out = released
+    assert set(cfg) == set(hfc.RELEASED_MINI_KEYS) and "use_qk_norm" not in cfg
+    convert(d, out + ".again", "f32", progress=False)
+    err = capsys.readouterr().err
+    assert "not used" not in err, err   # every released field is read or known irrelevant
+    r = GGUFReader(out)
+    assert _scalar(r, "llada2.attention.qk_norm", _BOOL) is True   # absent: true
+    assert _scalar(r, "llada2.rope.freq_base", _F32) == pytest.approx(cfg["rope_theta"])
+    import reference
+    from tide_cpp.model import Model
+    ids = np.random.default_rng(0).integers(0, cfg["vocab_size"] - 32, 40)
+    with Model(out, device="cpu", n_threads=1) as m:
+        got = m.logits(ids, block_length=8)
+    with torch.no_grad():
+        want = reference.forward(cfg, w, torch.as_tensor(ids), 8).numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_rope_parameters_give_the_same_file(released, tmp_path):
+    d, cfg, w, out = released
+    d2 = _write(tmp_path / "rp", hfc.with_rope_parameters(cfg), w)
+    out2 = str(tmp_path / "rp.gguf")
+    convert(d2, out2, "f32", progress=False)
+    (a, ra), (b, rb) = _tensor_bytes(out), _tensor_bytes(out2)
+    assert a == b
+    for key in ("llada2.rope.freq_base", "llada2.rope.dimension_count"):
+        assert ra.get_field(key).contents() == rb.get_field(key).contents()
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({"rope_type": "yarn", "rope_theta": 600000.0, "factor": 4.0}, ["rope_type", "'yarn'"]),
+    ({"rope_type": "default"}, ["rope_parameters.rope_theta"]),
+    ({"rope_type": "default", "rope_theta": -1.0}, ["rope_parameters.rope_theta", "-1.0"]),
+    ("600000", ["rope_parameters", "not an object"]),
+])
+def test_bad_rope_parameters(ck, out_dir, rope, match):
+    _rewrite_config(ck, rope_parameters=rope, rope_theta=hfc.DROP)
+    _convert_fails(ck, out_dir, ["config.json"] + match)
+
+
+def test_rope_parameters_disagreeing_with_top_level(ck, out_dir):
+    _rewrite_config(ck, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    _convert_fails(ck, out_dir, ["'rope_theta'", "disagrees", "rope_parameters.rope_theta"])
+
+
+def test_merged_experts_of_a_training_checkpoint(checkpoints, tmp_path, capsys):
+    d, cfg, w, _ = checkpoints("base")
+    mcfg, mw = hfc.merge_experts(cfg, w)
+    assert any(k.endswith("mlp.experts.gate_proj") for k in mw)
+    assert not any(".mlp.experts.0." in k for k in mw)
+    dm = _write(tmp_path / "veomni", mcfg, mw)
+    plain, merged = str(tmp_path / "plain.gguf"), str(tmp_path / "merged.gguf")
+    convert(d, plain, "bf16", progress=False)
+    convert(dm, merged, "bf16", progress=False)
+    assert "not used" not in capsys.readouterr().err   # every merged tensor was split and used
+    a, _ = _tensor_bytes(plain)
+    b, _ = _tensor_bytes(merged)
+    assert list(a) == list(b) and a == b
+
+
+def test_merged_experts_of_another_layout(checkpoints, tmp_path, out_dir):
+    d, cfg, w, _ = checkpoints("base")
+    mcfg, mw = hfc.merge_experts(cfg, w)
+    name = "model.layers.1.mlp.experts.down_proj"
+    mw[name] = mw[name].transpose(1, 2).contiguous()   # [E, moe_I, H]: not the layout read
+    dm = _write(tmp_path / "other", mcfg, mw)
+    _convert_fails(dm, out_dir, [f"'{name}'", "merged", "[num_experts, hidden_size, "
+                                 "moe_intermediate_size]"])
+
+
+def test_llada22_is_refused_with_what_it_lacks(ck, out_dir):
+    _rewrite_config(ck, expert_capacity=48, rope_theta=3000000.0)
+    _convert_fails(ck, out_dir, ["'expert_capacity'", "LLaDA2.2", "block routing",
+                                 "DELETE/SPLIT"])
+
+
+def test_unknown_model_type(ck, out_dir):
+    _rewrite_config(ck, model_type="llada2_moe_v3")
+    _convert_fails(ck, out_dir, ["'model_type'", "'llada2_moe_v3'", "llada2_moe_veomni"])
+
+
+def test_llama_cpp_keys(checkpoints, out_dir):
+    d, cfg, _, _ = checkpoints("shared2")
+    out = str(out_dir / "m.gguf")
+    convert(d, out, "bf16", progress=False)
+    r = GGUFReader(out)
+    assert _scalar(r, "diffusion.shift_logits", _BOOL) is False
+    assert _scalar(r, "llada2.expert_shared_feed_forward_length", _U32) == \
+        2 * cfg["moe_intermediate_size"]
+    assert _scalar(r, "llada2.expert_gating_func", _U32) == 2
+
+
+def test_no_eot_key_without_role_end(tmp_path, out_dir):
+    # a vocabulary without <|role_end|>: no EOT key (EOS alone ends generation)
+    cfg = hfc.SHAPES["base"]
+    tj, tc = hfc.make_tokenizer(cfg["vocab_size"])
+    doc = json.loads(tj)
+    for t in doc["added_tokens"]:
+        if t["content"] == "<|role_end|>":
+            t["content"] = "<|role_end_unused|>"
+    d = hfc.write_checkpoint(str(tmp_path / "ck"), cfg, hfc.random_weights(cfg, 0),
+                             json.dumps(doc), tc)
+    out = str(out_dir / "m.gguf")
+    convert(d, out, "bf16", progress=False)
+    assert GGUFReader(out).get_field("tokenizer.ggml.eot_token_id") is None

@@ -24,11 +24,13 @@ __all__ = ["create_chat_completion"]
 def create_chat_completion(model, messages, max_tokens=None, temperature=0.0, top_p=None,
                            top_k=None, stream=False, seed=None, stop=None, block_length=32,
                            steps=32, threshold=0.95, minimal_topk=1, eos_early_stop=True,
-                           on_step=None, model_name=None, **ignored):
+                           on_step=None, model_name=None, editing_threshold=None,
+                           max_post_steps=16, **ignored):
     """A chat completion for `messages` ([{'role': 'system'|'user'|'assistant', 'content'}]).
 
     max_tokens None: up to the end of the context. stop: a string or a list of strings that
-    end the answer (not included). Diffusion knobs as `tide_cpp.generation.generate`.
+    end the answer (not included). Diffusion knobs as `tide_cpp.generation.generate`
+    (editing_threshold / max_post_steps: LLaDA2.1's token-to-token editing).
     Other OpenAI / llama-cpp-python arguments (frequency_penalty, ...) are accepted and
     ignored. Returns the `chat.completion` dict, or with stream=True an iterator of
     `chat.completion.chunk` dicts. Bad arguments raise ValueError before anything runs."""
@@ -39,7 +41,8 @@ def create_chat_completion(model, messages, max_tokens=None, temperature=0.0, to
     st = generation.stream(model, prompt, max_tokens=max_tokens, block_length=block_length,
                            steps=steps, threshold=threshold, temperature=temperature,
                            top_k=top_k, top_p=top_p, minimal_topk=minimal_topk,
-                           eos_early_stop=eos_early_stop, seed=seed, on_step=on_step)
+                           eos_early_stop=eos_early_stop, seed=seed, on_step=on_step,
+                           editing_threshold=editing_threshold, max_post_steps=max_post_steps)
     meta = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()),
             "model": model_name or _model_name(model)}
     if stream:

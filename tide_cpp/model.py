@@ -395,7 +395,8 @@ class Model:
     # ---- user methods, delegated ----------------------------------------------------------
     @property
     def tokenizer(self):
-        """The original tokenizer.json embedded in the GGUF (tide_cpp.tokenizer.Tokenizer)."""
+        """The GGUF's tokenizer (tide_cpp.tokenizer.Tokenizer): the embedded tokenizer.json, or
+        the byte-level BPE rebuilt from its GGML token and merge lists."""
         if getattr(self, "_tok", None) is None:
             from .tokenizer import Tokenizer
             self._tok = Tokenizer.from_model(self)
@@ -415,6 +416,8 @@ class Model:
                                           **kwargs)
 
     def generate(self, prompt_or_ids, **kwargs):
+        """tide_cpp.generation.generate on this model (editing_threshold=E, max_post_steps=N:
+        LLaDA2.1's token-to-token editing)."""
         from . import generation
         return generation.generate(self, prompt_or_ids, **kwargs)
 

@@ -135,7 +135,8 @@ def add_device_memory_option(g, required):
 
 
 GENERATION = ("max_tokens", "block_length", "steps", "threshold", "temperature", "top_k",
-              "top_p", "seed", "minimal_topk", "eos_early_stop")
+              "top_p", "seed", "minimal_topk", "eos_early_stop", "editing_threshold",
+              "max_post_steps")
 
 
 def add_generation_options(p, names=GENERATION, max_tokens=256):
@@ -163,10 +164,35 @@ def add_generation_options(p, names=GENERATION, max_tokens=256):
         "eos_early_stop": lambda: g.add_argument(
             "--no-eos-early-stop", dest="eos_early_stop", action="store_false",
             help="finish the block after an end-of-text instead of stopping at once"),
+        "editing_threshold": lambda: _add(
+            g, "--editing-threshold", type=float, metavar="E",
+            none_means="off, LLaDA2.0's schedule",
+            help="LLaDA2.1 decoding: also replace filled tokens of the block whose prediction "
+                 "changed with probability above E"),
+        "max_post_steps": lambda: _add(g, "--max-post-steps", type=int, default=16, metavar="N",
+                                       help="with editing: forwards allowed after a block has "
+                                            "no mask left"),
     }
     for name in names:
         table[name]()
+    if "editing_threshold" in names and "threshold" in names:
+        g.add_argument("--preset", choices=["quality", "speed"], action=_Preset, default=None,
+                       help="LLaDA2.1 model card settings: quality = threshold 0.7, editing 0.5; "
+                            "speed = threshold 0.5, editing 0.0 (both block 32, 16 post steps); "
+                            "options after it override it")
     return g
+
+
+class _Preset(argparse.Action):
+    """--preset NAME: set the generation options of tide_cpp.generation.PRESETS[NAME] now, so
+    that options given after it win."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        from tide_cpp.generation import PRESETS
+
+        setattr(namespace, self.dest, value)
+        for name, v in PRESETS[value].items():
+            setattr(namespace, name, v)
 
 
 def add_prompt_options(p, many=True, chat=True):
@@ -266,7 +292,8 @@ def stats_lines(gen_stats, model_stats=None):
         f"tokens: {s['tokens']} in {s['seconds']:.2f} s ({s['tokens_per_second']:.1f} tokens/s), "
         f"prompt {s['prompt_tokens']} tokens",
         f"diffusion: {s['steps']} steps over {s['blocks']} blocks of {s['block_length']}, "
-        f"{s['tokens_per_forward']:.2f} tokens per forward",
+        f"{s['tokens_per_forward']:.2f} tokens per forward"
+        + (f", {s['edits']} edits, {s['post_steps']} post steps" if "edits" in s else ""),
     ]
     if model_stats:
         m = model_stats

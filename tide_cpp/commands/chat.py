@@ -93,7 +93,8 @@ class Chat:
 # /set NAME VALUE: the generation knobs, by their option names
 _SETTABLE = {"max_tokens": int, "block_length": int, "steps": int, "threshold": float,
              "temperature": float, "top_k": int, "top_p": float, "seed": int,
-             "minimal_topk": int, "eos_early_stop": lambda v: v.lower() in ("1", "true", "on")}
+             "minimal_topk": int, "eos_early_stop": lambda v: v.lower() in ("1", "true", "on"),
+             "editing_threshold": float, "max_post_steps": int}
 
 
 def _set(chat, model, words, err):

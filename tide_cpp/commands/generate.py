@@ -10,6 +10,7 @@ from . import _options
 
 MASK_CHAR = "\u2591"  # light shade: a position still masked
 DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
+EDITED = "\x1b[1;4m"  # bold underlined: a token that replaced another (LLaDA2.1 editing)
 
 
 def add_parser(subparsers):
@@ -25,7 +26,8 @@ def add_parser(subparsers):
     _options.add_system_option(g, "with --chat: a system message before the prompt")
     o = p.add_argument_group("output")
     o.add_argument("--visual", action="store_true",
-                   help="redraw the canvas live: masked positions dim, new tokens bold")
+                   help="redraw the canvas live: masked positions dim, new tokens bold, "
+                        "edited tokens bold and underlined")
     _options.add_trace_option(o, output=True)
     o.add_argument("--no-stats", dest="stats", action="store_false",
                    help="do not print the statistics at the end")
@@ -53,16 +55,18 @@ class CanvasView:
         P = info.prompt_length
         end = min(len(info.canvas), P + info.max_tokens)
         ids = info.canvas[P:end]
-        fresh = set(int(c) - P for c in info.committed)
+        style = {int(c) - P: BOLD for c in info.committed}
+        style.update({int(c) - P: EDITED for c in getattr(info, "edited", ())})
+        eog = getattr(info, "eog_token_ids", None) or {info.eos_token_id}
         plain, styled = [], []
-        run = []  # consecutive decoded tokens, decoded together (multi-byte characters)
+        run = []  # consecutive decoded tokens of one style, decoded together (multi-byte chars)
 
         def flush():
             if run:
                 t = self.tok.decode([ids[i] for i in run], skip_special=True)
                 plain.append(t)
-                new = any(i in fresh for i in run)
-                styled.append(BOLD + t + RESET if new else t)
+                s = style.get(run[0])
+                styled.append(s + t + RESET if s else t)
                 run.clear()
 
         for i, t in enumerate(ids):
@@ -70,11 +74,11 @@ class CanvasView:
                 flush()
                 plain.append(MASK_CHAR)
                 styled.append(DIM + MASK_CHAR + RESET)
-            elif t == info.eos_token_id:
+            elif t in eog:
                 flush()
                 break   # the answer ends here; what follows is discarded
             else:
-                if run and (i in fresh) != (run[-1] in fresh):
+                if run and style.get(i) != style.get(run[-1]):
                     flush()
                 run.append(i)
         flush()

@@ -1,4 +1,5 @@
-"""convert(src, out, outtype): a LLaDA2.0 HF checkpoint -> one GGUF (CONTRACTS.md §1), streamed.
+"""convert(src, out, outtype): a LLaDA2.0/2.1 HF checkpoint -> one GGUF (CONTRACTS.md §1),
+streamed.
 
 Everything is checked before the first byte is written (config, every tensor's presence, shape
 and byte range, the tokenizer, free disk space). Then the header, metadata and tensor infos are
@@ -24,7 +25,7 @@ from .hparams import hparams, unused_fields
 from .quant import FILE_TYPES, OUTTYPES, encode, nbytes, storage_type
 from .safetensors_reader import read_rows, rows_of
 from .source import load_checkpoint, load_tensors
-from .tensor_map import bind, plan
+from .tensor_map import bind, plan, split_merged_experts
 from .tokenizer_meta import tokenizer_meta
 
 ALIGNMENT = 4096
@@ -80,6 +81,7 @@ def add_metadata(w, name, outtype, hp, tok):
     w.add_custom_alignment(ALIGNMENT)
     w.add_file_type(FILE_TYPES[outtype])
     w.add_quantization_version(2)
+    w.add_diffusion_shift_logits(False)  # llama.cpp's diffusion key: logits are not shifted
     for key, (value, kind) in hp.items():
         if key.startswith("_"):
             continue
@@ -199,6 +201,7 @@ def convert(src, out, outtype="bf16", progress=True, revision=None, name=None, t
     hp = hparams(ckpt.config)
     entries = plan(hp)
     load_tensors(ckpt)
+    ckpt.tensors = split_merged_experts(ckpt.tensors, hp)
     refs = bind(entries, ckpt.tensors)
     tok = tokenizer_meta(ckpt.tokenizer_json, ckpt.tokenizer_config, hp["vocab_size"][0],
                          ckpt.config)

@@ -31,8 +31,10 @@ _REQUIRED_INT = {
 _REQUIRED_FLOAT = {
     "expert_weights_scale": "routed_scaling_factor",
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-    "rope.freq_base": "rope_theta",
 }
+# model_type of the released checkpoints, and of dFactory's training copies (VeOmni; their
+# routed experts may be stored merged, see tensor_map.split_merged_experts)
+MODEL_TYPES = ("llada2_moe", "llada2_moe_veomni")
 # Fields whose value must be one the engine implements: field -> (allowed values, default when
 # absent; _REQ when the field must be present).
 _REQ = object()
@@ -61,11 +63,13 @@ _IGNORED = {
     "norm_topk_prob", "use_qk_norm", "moe_shared_expert_intermediate_size",
     "using_split_qkv_in_self_attention", "_name_or_path",
 }
+_READ_BY_ROPE = {"rope_theta", "rope_parameters"}  # read by _rope
 
 
 def unused_fields(cfg):
     """Fields of cfg that the converter neither reads nor knows to be irrelevant."""
-    known = set(_REQUIRED_INT.values()) | set(_REQUIRED_FLOAT.values()) | set(_FIXED) | _IGNORED
+    known = (set(_REQUIRED_INT.values()) | set(_REQUIRED_FLOAT.values()) | set(_FIXED)
+             | _IGNORED | _READ_BY_ROPE)
     return sorted(set(cfg) - known)
 
 
@@ -106,10 +110,47 @@ def check_architecture(cfg):
         raise ConvertError(f"config.json: field 'architectures' = {archs!r} is not a list")
     if archs != [ARCH]:
         raise ConvertError(f"unsupported architecture {', '.join(map(str, archs))}: "
-                           f"tide.cpp converts {ARCH} (LLaDA2.0) only")
+                           f"tide.cpp converts {ARCH} (LLaDA2.0 and 2.1) only")
     mt = cfg.get("model_type", "llada2_moe")
-    if mt != "llada2_moe":
-        _unsupported("model_type", mt, "expected 'llada2_moe'")
+    if mt not in MODEL_TYPES:
+        _unsupported("model_type", mt, "expected " + " or ".join(map(repr, MODEL_TYPES)))
+    if "expert_capacity" in cfg:
+        # LLaDA2.2: experts are chosen per 32-token block (expert_capacity of them), then the
+        # top-k per token among those; its decoding also inserts and deletes tokens.
+        raise ConvertError(
+            f"config.json: field 'expert_capacity' = {cfg['expert_capacity']!r}: this is a "
+            "LLaDA2.2 checkpoint, which tide.cpp does not support: the engine routes each token "
+            "among all experts (no block routing with an expert capacity) and its generation "
+            "has no DELETE/SPLIT edit tokens")
+
+
+def _rope(cfg):
+    """(rope_theta, partial_rotary_factor or None): from the top-level fields, or from
+    rope_parameters {rope_type, rope_theta, partial_rotary_factor} as newer transformers write
+    them. Only plain RoPE (rope_type 'default') is implemented."""
+    rp = cfg.get("rope_parameters")
+    if rp is None:
+        prf = _float(cfg, "partial_rotary_factor") if "partial_rotary_factor" in cfg else None
+        return _float(cfg, "rope_theta"), prf
+    if not isinstance(rp, dict):
+        raise ConvertError(f"config.json: field 'rope_parameters' = {rp!r} is not an object")
+    rt = rp.get("rope_type", "default")
+    if rt != "default":
+        _unsupported("rope_parameters.rope_type", rt, "only 'default' RoPE is implemented")
+    sub = {"rope_theta": rp.get("rope_theta", cfg.get("rope_theta")),
+           "partial_rotary_factor": rp.get("partial_rotary_factor",
+                                           cfg.get("partial_rotary_factor"))}
+    for name in ("rope_theta", "partial_rotary_factor"):
+        if name in rp and name in cfg and cfg[name] != rp[name]:
+            _unsupported(name, cfg[name], f"disagrees with rope_parameters.{name} = {rp[name]!r}")
+    if sub["rope_theta"] is None:
+        raise ConvertError("config.json: missing field 'rope_parameters.rope_theta'")
+    theta = _float({"rope_parameters.rope_theta": sub["rope_theta"]}, "rope_parameters.rope_theta")
+    prf = sub["partial_rotary_factor"]
+    if prf is not None:
+        prf = _float({"rope_parameters.partial_rotary_factor": prf},
+                     "rope_parameters.partial_rotary_factor")
+    return theta, prf
 
 
 def hparams(cfg):
@@ -128,6 +169,8 @@ def hparams(cfg):
             _unsupported(field, v, "expected " + " or ".join(repr(a) for a in allowed))
     out["expert_weights_norm"] = (_bool(cfg, "norm_topk_prob", True), "bool")
     out["expert_gating_func"] = (GATING_SIGMOID, "u32")
+    theta, prf = _rope(cfg)
+    out["rope.freq_base"] = (theta, "f32")
     out["attention.qk_norm"] = (_bool(cfg, "use_qk_norm", True), "bool")
 
     H, nq = out["embedding_length"][0], out["attention.head_count"][0]
@@ -135,8 +178,7 @@ def hparams(cfg):
     hd = _int(cfg, "head_dim") if "head_dim" in cfg and cfg["head_dim"] is not None else H // nq
     out["attention.key_length"] = (hd, "u32")
     out["attention.value_length"] = (hd, "u32")
-    if "partial_rotary_factor" in cfg:
-        prf = _float(cfg, "partial_rotary_factor")
+    if prf is not None:
         if prf > 1:
             _unsupported("partial_rotary_factor", prf, "must be in (0, 1]")
         rot = int(hd * prf)
@@ -152,6 +194,13 @@ def hparams(cfg):
         _unsupported("partial_rotary_factor", cfg.get("partial_rotary_factor"),
                      f"rotary dims {rot} must be even and within head_dim {hd}")
     out["rope.dimension_count"] = (rot, "u32")
+    # llama.cpp's llada2 loader also wants the shared experts' total width
+    moe_i, n_sh = out["expert_feed_forward_length"][0], out["expert_shared_count"][0]
+    sh = cfg.get("moe_shared_expert_intermediate_size")
+    if sh is not None and sh != moe_i * n_sh:
+        _unsupported("moe_shared_expert_intermediate_size", sh, "the engine needs "
+                     f"moe_intermediate_size * num_shared_experts = {moe_i * n_sh}")
+    out["expert_shared_feed_forward_length"] = (moe_i * n_sh, "u32")
 
     # Consistency the engine relies on.
     L = out["block_count"][0]

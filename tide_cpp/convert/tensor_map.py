@@ -2,7 +2,19 @@
 (CONTRACTS.md §1): a list of Entry, one per output tensor, one per routed expert matrix."""
 
 from .errors import ConvertError
-from .safetensors_reader import DTYPES
+from .safetensors_reader import DTYPES, TensorRef
+
+# dFactory (VeOmni) training checkpoints may store a MoE layer's routed experts merged: one
+# tensor per projection, expert e being the contiguous slice [e] (the nn.Parameter of its fused
+# experts module, so no ".weight" suffix).
+MERGED_EXPERTS = {  # projection -> shape of the merged tensor, from (E, moe_I, H)
+    "gate_proj": lambda E, I, H: (E, I, H),
+    "up_proj": lambda E, I, H: (E, I, H),
+    "down_proj": lambda E, I, H: (E, H, I),
+}
+MERGED_LAYOUT = ("mlp.experts.{gate_proj,up_proj} [num_experts, moe_intermediate_size, "
+                 "hidden_size] and mlp.experts.down_proj [num_experts, hidden_size, "
+                 "moe_intermediate_size]")
 
 
 class Entry:
@@ -78,13 +90,49 @@ def plan(hp):
     return out
 
 
+def split_merged_experts(tensors, hp):
+    """{HF name: TensorRef} with every merged expert tensor (MERGED_EXPERTS) replaced by one
+    reference per expert, under the per-expert names (`mlp.experts.E.gate_proj.weight`): a
+    slice of the same file, so the experts are split on the way, without copying. A merged
+    tensor of another shape is refused with the layout that is read."""
+    g = lambda k: hp[k][0]  # noqa: E731
+    E, H, I = g("expert_count"), g("embedding_length"), g("expert_feed_forward_length")
+    out = dict(tensors)
+    for n in range(g("leading_dense_block_count"), g("block_count")):
+        p = f"model.layers.{n}.mlp.experts."
+        for proj, shape_of in MERGED_EXPERTS.items():
+            name = next((k for k in (p + proj, p + proj + ".weight") if k in out), None)
+            if name is None:
+                continue
+            ref = out.pop(name)
+            want = shape_of(E, I, H)
+            if ref.shape != want:
+                raise ConvertError(f"{ref.path}: merged expert tensor {name!r} has shape "
+                                   f"{list(ref.shape)}, expected {list(want)} (the layout read "
+                                   f"is {MERGED_LAYOUT})")
+            if ref.dtype not in DTYPES:
+                raise ConvertError(f"{ref.path}: tensor {name!r} has dtype {ref.dtype}, which "
+                                   f"the converter does not read (it reads {', '.join(DTYPES)})")
+            per = ref.nbytes // E
+            for e in range(E):
+                split = f"{p}{e}.{proj}.weight"
+                if split in out:
+                    raise ConvertError(f"expert {e} of layer {n}: both {name!r} (merged) and "
+                                       f"{split!r} are in the checkpoint")
+                out[split] = TensorRef(split, ref.path, ref.dtype, want[1:],
+                                       ref.offset + e * per, per)
+    return out
+
+
 def bind(entries, tensors):
     """Check that every entry's HF tensor exists with its shape; {gguf name: TensorRef}."""
     refs = {}
     for e in entries:
         ref = tensors.get(e.hf)
         if ref is None:
-            raise ConvertError(f"missing tensor {e.hf!r} (for {e.gguf})")
+            merged = ".mlp.experts." in e.hf and (
+                f" (or the merged layout: {MERGED_LAYOUT})")
+            raise ConvertError(f"missing tensor {e.hf!r} (for {e.gguf}){merged or ''}")
         if ref.shape != e.hf_shape:
             raise ConvertError(f"{ref.path}: tensor {e.hf!r} has shape {list(ref.shape)}, "
                                f"the config says {list(e.hf_shape)}")

@@ -1,7 +1,9 @@
 """tokenizer.json + tokenizer_config.json -> the tokenizer.* keys of the GGUF (CONTRACTS.md §1).
 
 The engine tokenizes with the embedded tokenizer.huggingface.json; the ggml.* arrays are there so
-that gguf tools (and llama.cpp-style readers) see the vocabulary too."""
+that gguf tools (and llama.cpp-style readers) see the vocabulary too. The end-of-generation
+tokens are llama.cpp's keys: EOS (<|endoftext|>) and EOT (<|role_end|>, when the vocabulary has
+it); gguf has no key for a longer list."""
 
 import json
 
@@ -10,6 +12,8 @@ from .errors import ConvertError
 # llama.cpp token types
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 MASK_TEXT, EOS_TEXT, BOS_TEXT = "<|mask|>", "<|endoftext|>", "<|startoftext|>"
+# Every LLaDA2 chat turn ends with it: the end of turn (EOT) that generation stops at besides EOS
+EOT_TEXT = "<|role_end|>"
 PRE = "bailingmoe2"  # llama.cpp's name for the Ling 2.0 pre-tokenizer that LLaDA2.0 shares
 
 
@@ -80,6 +84,9 @@ def tokenizer_meta(tokenizer_json, tokenizer_config, vocab_size, config):
         raise ConvertError("tokenizer_config.json: missing field 'chat_template' (and no "
                            "chat_template.jinja)")
     add_bos = tokenizer_config.get("add_bos_token", False)
+    eot = {}
+    if EOT_TEXT in ids and types[ids[EOT_TEXT]] != UNUSED:
+        eot["tokenizer.ggml.eot_token_id"] = ids[EOT_TEXT]
     return {
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": PRE,
@@ -88,6 +95,7 @@ def tokenizer_meta(tokenizer_json, tokenizer_config, vocab_size, config):
         "tokenizer.ggml.merges": merge_strs,
         "tokenizer.ggml.bos_token_id": bos_id,
         "tokenizer.ggml.eos_token_id": eos_id,
+        **eot,
         "tokenizer.ggml.padding_token_id": pad_id,
         "tokenizer.ggml.mask_token_id": mask_id,
         "tokenizer.ggml.add_bos_token": bool(add_bos),
