@@ -209,7 +209,8 @@ def test_invalid_field_is_400_naming_it(server, field, value):
     assert err["param"].split("[")[0] == field and field in err["message"]
 
 
-@pytest.mark.parametrize("raw", [b"{bad", b"[1, 2]", b"", b"\xff\xfe", b"null", b'"text"'])
+@pytest.mark.parametrize("raw", [b"{bad", b"[1, 2]", b"", b"\xff\xfe", b"null", b'"text"',
+                                 b"[" * 100000, b'{"messages": NaN}'])
 def test_malformed_json_is_400(server, raw):
     for path in ("/v1/chat/completions", "/v1/completions"):
         status, body = request(server.url + path, raw)
@@ -297,6 +298,17 @@ def test_client_hangup_cancels_generation(server):
     assert q["completed"] == before["completed"]   # it did not run to its end
     status, body = chat(server)   # the worker is free again
     assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER
+
+
+def test_client_hangup_cancels_whole_answer(server):
+    """Not streamed: the server notices the closed connection while the answer is computed."""
+    before = health(server)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(SLOW), {"Content-Type": "application/json"})
+    wait_for(server, lambda q: q["running"] == 1)
+    conn.close()
+    q = wait_for(server, lambda q: q["cancelled"] > before["cancelled"] and not q["running"])
+    assert q["completed"] == before["completed"]
 
 
 def test_full_queue_is_503():

@@ -37,14 +37,20 @@ class CompletionRequest:
     model: str = None
 
 
+def _not_json(name):
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_json(raw):
     """The body as a JSON object, or a 400 saying what is wrong with it."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except UnicodeDecodeError:
         raise APIError(400, "request body is not UTF-8 text", code="invalid_json") from None
     except ValueError as e:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     return body
