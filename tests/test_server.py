@@ -408,3 +408,44 @@ def test_server_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_step_events_carry_edits():
+    """The canvas diff reports a committed token replaced by another (LLaDA2.1's editing) and a
+    token turned back into a mask, whatever schedule produced them."""
+    import numpy as np
+
+    from tide_cpp.generation import StepInfo
+    from tide_cpp.server.completions import _Canvas
+
+    class Tok:
+        def decode(self, ids, skip_special=True):
+            return "".join(f"<{i}>" for i in ids)
+
+    class Job:
+        def __init__(self):
+            self.events = []
+
+        def emit(self, kind, payload=None):
+            self.events.append((kind, payload))
+
+        def check(self):
+            pass
+
+    M, E, P = 99, 98, 2   # mask id, eos id, prompt length
+    job = Job()
+    canvas = _Canvas(Tok(), job)
+
+    def step(i, ids, committed):
+        ids = np.asarray(ids, dtype=np.int32)
+        canvas.on_step(StepInfo(0, i, 0, 6, P, ids, np.asarray(committed), np.ones(len(committed)),
+                                int((ids[P:] == M).sum()), M, E, 4), True)
+        return job.events[-1][1]
+
+    ev = step(0, [5, 6, 10, M, M, M], [2])
+    assert ev["unmasked"] == [[0, "<10>"]] and ev["edited"] == [] and ev["masked"] == 3
+    assert (ev["start"], ev["end"]) == (0, 4)
+    ev = step(1, [5, 6, 11, 12, M, M], [3])      # position 2 edited 10 -> 11, 3 unmasked
+    assert ev["unmasked"] == [[1, "<12>"]] and ev["edited"] == [[0, "<11>"]]
+    ev = step(2, [5, 6, 11, M, E, M], [4])       # 3 back to a mask, 4 is the end of text
+    assert ev["edited"] == [[1, None]] and ev["unmasked"] == [[2, "<98>"]] and ev["eos"] == [2]

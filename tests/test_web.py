@@ -123,6 +123,22 @@ def test_conversation_and_live_canvas(page):
     assert page.inner_text(".msg.assistant >> nth=1").strip() != ""
 
 
+def test_canvas_draws_edits(page):
+    """The page draws the step events' edits (LLaDA2.1's token-to-token editing), here fed
+    to it directly: the engine's 2.0 schedule never edits."""
+    page.evaluate("""() => {
+        resetCanvas();
+        drawStep({block: 0, step: 0, start: 0, end: 4, masked: 2, unmasked: [[0, "a"], [1, "b"]],
+                  edited: [], eos: []});
+        drawStep({block: 0, step: 1, start: 0, end: 4, masked: 2, unmasked: [],
+                  edited: [[0, "c"], [1, null]], eos: []});
+    }""")
+    cells = page.eval_on_selector_all(
+        "#canvas .cell", "cs => cs.map(c => [c.className, c.textContent])")
+    assert cells[0] == ["cell tok edit", "c"]
+    assert cells[1][0] == "cell mask" and cells[2][0] == "cell mask" and len(cells) == 4
+
+
 def test_stop_cancels_on_the_server(browser):
     # one token a step over a 256-token block, not stopping at the end of text: seconds of work
     server = Server("--max-tokens", "240", "--block-length", "256", "--steps", "256",

@@ -68,6 +68,7 @@ def prepare(facts, req):
     try:
         ids, _ = generation.check_params(facts, ids, **req.generation)
     except ValueError as e:
+        # check_params starts every message with the argument's name: that is the field
         msg = str(e)
         param = msg.split(" ", 1)[0].rstrip(":")
         known = set(req.generation) | {"prompt"}
@@ -96,7 +97,7 @@ class _Canvas:
     def _text(self, token):
         return self.tok.decode([int(token)], skip_special=True)
 
-    def on_step(self, info, emit):
+    def on_step(self, info, send_events):
         self.steps += 1
         self.blocks.add(info.block)
         start, B, P, mask = info.block_start, info.block_length, info.prompt_length, info.mask_token_id
@@ -108,7 +109,7 @@ class _Canvas:
         else:
             prev = self._prev
         self._prev = cur.copy()
-        if emit:
+        if send_events:
             pos = np.arange(start, start + B)
             answer = (pos >= P) & (pos < P + info.max_tokens)
             unmasked = answer & (prev == mask) & (cur != mask)
