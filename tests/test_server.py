@@ -449,3 +449,19 @@ def test_step_events_carry_edits():
     assert ev["unmasked"] == [[1, "<12>"]] and ev["edited"] == [[0, "<11>"]]
     ev = step(2, [5, 6, 11, M, E, M], [4])       # 3 back to a mask, 4 is the end of text
     assert ev["edited"] == [[1, None]] and ev["unmasked"] == [[2, "<98>"]] and ev["eos"] == [2]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--threshold", "5"], "threshold"), (["--steps", "64"], "steps"),
+    (["--port", "70000"], "--port"), (["--max-queue", "-1"], "--max-queue"),
+])
+def test_bad_options_fail_at_start(args, message):
+    import subprocess
+    import sys
+    from serve_process import DEMO, ROOT
+    r = subprocess.run([sys.executable, "-m", "tide_cpp.cli", "serve", "-m", DEMO, *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and message in r.stderr
+    r = subprocess.run([sys.executable, "-m", "tide_cpp.cli", "serve", "-m", "missing.gguf"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "missing.gguf" in r.stderr

@@ -36,6 +36,7 @@ def create_app(model, model_alias, defaults, api_key=None, max_queue=16):
     """The application for an open tide_cpp.Model. defaults: generation settings for fields a
     request leaves out (keyword arguments of tide_cpp.generation.generate)."""
     facts = completions.ModelFacts(model)
+    completions.check_defaults(facts, defaults)   # a bad option fails now, not every request
     engine = Engine(model, max_queue=max_queue)
     created = int(time.time())
 

@@ -78,6 +78,11 @@ def prepare(facts, req):
     return ids
 
 
+def check_defaults(facts, defaults):
+    """The server's own generation settings, checked once at start-up (ValueError)."""
+    generation.check_params(facts, [0], **defaults)
+
+
 def _traffic(model):
     s = model.stats()
     return {k: int(s.get(k, 0)) for k in TRAFFIC}
@@ -160,4 +165,4 @@ def work(req, ids):
     return run
 
 
-__all__ = ["ModelFacts", "prepare", "work", "Cancelled"]
+__all__ = ["ModelFacts", "check_defaults", "prepare", "work", "Cancelled"]
