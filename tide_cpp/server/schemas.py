@@ -206,8 +206,7 @@ def _generation(body, defaults):
 def parse_completion(body, kind, defaults):
     """A checked CompletionRequest from a decoded body. kind: "chat" or "text"; defaults: the
     server's generation settings (keyword arguments of tide_cpp.generation.generate)."""
-    _str(body, "model")
-    _str(body, "user")
+    _str(body, "model")   # any name is served by the one model; "user" is not read at all
     _refuse(body, "n", (None, 1), "only n = 1 is supported")
     _refuse(body, "best_of", (None, 1), "only best_of = 1 is supported")
     _refuse(body, "logprobs", (None, False, 0), "logprobs are not supported")
