@@ -99,7 +99,7 @@ def write_checkpoint_streaming(dir, cfg):
 _CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from convert import convert
+from tide_cpp.convert import convert
 t0 = time.time()
 r = convert(sys.argv[2], sys.argv[3], sys.argv[4], progress=sys.argv[5] == "1",
             threads=int(sys.argv[6]) or None)

@@ -1,4 +1,4 @@
-"""One denoising step of LLaDA2.0-mini's real shapes on the CPU backend (issue 3's benchmark).
+"""One denoising step of LLaDA2.0-mini's real shapes on the CPU backend.
 
 A GGUF with mini's shapes (hidden 2048, 16/4 heads of 128, dense FFN 5120, 256 routed experts of
 512, top-8, groups 8/4, one shared expert, vocabulary 157184) but only a few layers (default 2:
@@ -71,7 +71,8 @@ def write_model(path, outtype, n_layers, rng):
     c = MINI
     H, hd, E = c["H"], c["hd"], c["E"]
     qt = QTYPE[outtype]
-    mat, vec = [], []  # (name, rows, cols, qt | None for exact f32 data)
+    # (name, rows, cols, storage type, how to fill it: None from the random pool, or exact f32
+    # "norm", "bias", "router")
     tensors = [("token_embd.weight", c["vocab"], H, qt, None)]
     for n in range(n_layers):
         p = f"blk.{n}."

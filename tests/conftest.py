@@ -1,5 +1,5 @@
 """Shared fixtures: tiny checkpoints (tests/hf_checkpoint.py) converted to GGUF, built once per
-session in a temporary folder and only for the (shape, outtype) pairs a test asks for."""
+test run in a temporary folder and only for the (shape, outtype) pairs a test asks for."""
 
 import os
 import sys
@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """tiny_checkpoint(shape="base", seed=0) -> (dir, config, weights): an HF folder of a tiny
-    random LLaDA2.0 (hf_checkpoint.SHAPES), written once per session."""
+    random LLaDA2.0 (hf_checkpoint.SHAPES), written once per test run."""
     import hf_checkpoint as hfc
 
     root = tmp_path_factory.mktemp("tiny_ckpt")
@@ -32,7 +32,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_checkpoint, tmp_path_factory):
     """tiny_gguf(shape="base", outtype="f32", seed=0) -> (gguf path, config, weights)."""
-    from convert import convert
+    from tide_cpp.convert import convert
 
     root = tmp_path_factory.mktemp("tiny_gguf")
     cache = {}

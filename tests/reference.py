@@ -1,4 +1,4 @@
-"""PyTorch reference of LLaDA2.0 (LLaDA2MoeModelLM), written from ../shared/LLADA2.md section 3.
+"""PyTorch reference of LLaDA2.0 (LLaDA2MoeModelLM), written from docs/MODEL.md.
 
 The oracle for the converter, the CPU backend and the CUDA backend: weights are taken by their
 Hugging Face names, upcast to f32, and every operation runs in f32. It is plain and slow on

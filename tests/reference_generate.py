@@ -1,6 +1,6 @@
 """PyTorch reference of LLaDA2.0's released `generate()` (block diffusion), on `reference.forward`.
 
-The oracle for `tide_cpp/generation.py`. Written from ../shared/LLADA2.md section 4 and the
+The oracle for `tide_cpp/generation.py`. Written from docs/GENERATION.md and the
 released `LLaDA2MoeModelLM.generate` / `_sample_with_temperature_topk_topp`. Like the released
 code it keeps **no cache**: every step re-runs the whole window (prompt + blocks so far) with the
 block-causal mask, which is what the cached engine must reproduce token for token.
@@ -350,11 +350,11 @@ def _tokenizer_cached(vocab_size):
 
 def write_tiny_gguf(dir, name="tiny", seed=0, eos_bias=None, outtype="f32", **overrides):
     """Write the tiny checkpoint (EOS-biased when eos_bias = (like, scale)) and convert it:
-    (cfg, weights, path of the .gguf). Needs the converter (convert/)."""
+    (cfg, weights, path of the .gguf). Needs the converter (tide_cpp/convert/)."""
     import os
 
     import hf_checkpoint as hc
-    from convert.hf_to_gguf import convert
+    from tide_cpp.convert.hf_to_gguf import convert
 
     cfg = hc.make_config(**overrides)
     tok_json, tok_cfg = _tokenizer_cached(cfg["vocab_size"])
@@ -366,13 +366,3 @@ def write_tiny_gguf(dir, name="tiny", seed=0, eos_bias=None, outtype="f32", **ov
     out = os.path.join(str(dir), name + ".gguf")
     convert(src, out, outtype, progress=False)
     return cfg, w, out
-
-
-def engine_available():
-    """'' when tide_cpp.Model can run here, else why not."""
-    try:
-        from tide_cpp import _lib
-        _lib.lib()
-    except Exception as e:
-        return f"native library unavailable: {e}"
-    return ""

@@ -1,8 +1,7 @@
 """The chat API (tide_cpp/chat.py) and the command line (`tide-cli generate`, `tide-cli chat`).
 
-The model is the tiny checkpoint converted to GGUF and run by the native engine on the CPU; when
-the library is not built, the API tests run on the reference step model instead and the command
-line tests are skipped. The chat command is driven through a pseudo-terminal (stdlib pty), as a
+The model is the tiny checkpoint converted to GGUF and run by the native engine on the CPU. The
+chat command is driven through a pseudo-terminal (stdlib pty), as a
 person would: a turn, a second turn that uses the history, /reset, Ctrl-C during a reply, /exit.
 """
 
@@ -28,8 +27,6 @@ EOS_BIAS = (287, 1.05)  # as test_generate: EOS mid-answer
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory):
-    if rg.engine_available():
-        return None
     root = tmp_path_factory.mktemp("chat")
     return {"plain": rg.write_tiny_gguf(root, "plain")[2],
             "eos": rg.write_tiny_gguf(root, "eos", eos_bias=EOS_BIAS)[2]}
@@ -37,13 +34,7 @@ def gguf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(gguf):
-    """{'plain': model, 'eos': model}: the engine when built, else the reference step model."""
-    if gguf is None:
-        cfg, w, plain = rg.tiny_model(0)
-        _, _, eos = rg.tiny_model(0)
-        eos.w = rg.bias_eos(cfg, w, EOS_BIAS[1], like=EOS_BIAS[0])
-        yield {"plain": plain, "eos": eos}
-        return
+    """{'plain': model, 'eos': model} on the CPU backend (eos: an EOS bias mid-answer)."""
     from tide_cpp.model import Model
     out = {k: Model(p, device="cpu", n_threads=1) for k, p in gguf.items()}
     yield out
@@ -161,13 +152,7 @@ def cli(*args, input=None, timeout=60):
                           timeout=timeout, env=env, cwd=ROOT)
 
 
-def need_engine(gguf):
-    if gguf is None:
-        pytest.skip(rg.engine_available())
-
-
 def test_cli_generate(gguf, models, tmp_path):
-    need_engine(gguf)
     m = models["plain"]
     want = generation.generate(m, m.tokenize("Hello, world!"), **FAST)
     trace = tmp_path / "trace.npz"
@@ -185,7 +170,6 @@ def test_cli_generate(gguf, models, tmp_path):
 
 
 def test_cli_generate_chat_and_stdin(gguf, models):
-    need_engine(gguf)
     m = models["plain"]
     want = expected(m, [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}],
                     **FAST)
@@ -202,7 +186,6 @@ def test_cli_generate_chat_and_stdin(gguf, models):
     (["--top-p", "0"], "top_p"),
 ])
 def test_cli_generate_bad_options(gguf, args, name):
-    need_engine(gguf)
     r = cli("generate", "-m", gguf["plain"], "--device", "cpu", "-p", "x", *args)
     assert r.returncode == 1 and name in r.stderr and "Traceback" not in r.stderr
 
@@ -311,8 +294,7 @@ def reply_of(out, sent):
     return out[i + len(sent):].lstrip("\n").rstrip("\n")
 
 
-def test_chat_session_on_a_terminal(gguf, models):
-    need_engine(gguf)
+def test_chat_on_a_terminal(gguf, models):
     m = models["plain"]
     kw = dict(max_tokens=16, block_length=B, steps=B)
     env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONIOENCODING": "utf-8", "TERM": "dumb"}
@@ -384,7 +366,6 @@ def test_chat_session_on_a_terminal(gguf, models):
 
 
 def test_chat_ctrl_d_leaves(gguf):
-    need_engine(gguf)
     env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONIOENCODING": "utf-8", "TERM": "dumb"}
     term = Terminal([sys.executable, "-m", "tide_cpp.cli", "chat", "-m", gguf["plain"],
                      "--device", "cpu", "--threads", "1"], env)
@@ -394,7 +375,6 @@ def test_chat_ctrl_d_leaves(gguf):
 
 
 def test_chat_piped(gguf, models):
-    need_engine(gguf)
     m = models["plain"]
     r = cli("chat", "-m", gguf["plain"], "--device", "cpu", "--threads", "1", "--max-tokens",
             "16", "--block-length", str(B), "--steps", str(B),
@@ -407,7 +387,6 @@ def test_chat_piped(gguf, models):
 
 
 def test_cli_generate_visual(gguf, models):
-    need_engine(gguf)
     m = models["plain"]
     want = generation.generate(m, m.tokenize("Hello"), max_tokens=24, block_length=B, steps=4)
     env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONIOENCODING": "utf-8", "TERM": "xterm"}

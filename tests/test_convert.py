@@ -1,6 +1,6 @@
-"""The converter (issue 2): round trips of every tiny shape and outtype, and every bad input.
+"""The converter: round trips of every tiny shape and outtype, and every bad input.
 
-The expected layout is written out here from CONTRACTS.md §1, independently of convert/."""
+The expected layout is written out here from CONTRACTS.md §1, independently of tide_cpp/convert/."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from gguf import GGUFReader, GGUFValueType, quants
 from tokenizers import Tokenizer
 
 import hf_checkpoint as hfc
-from convert import ConvertError, convert
+from tide_cpp.convert import ConvertError, convert
 
 OUTTYPES = ["f32", "f16", "bf16", "q8_0"]
 FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
@@ -303,7 +303,7 @@ def test_single_file_checkpoint_and_info(tmp_path, out_dir, capsys):
     n_moe = cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
     assert f"({one} bytes;" in text
     assert "expert_count = 8" in text and "Q8_0" in text
-    from tide_cpp.commands.info import summarize
+    from tide_cpp.gguf_summary import summarize
     s = summarize(out)
     assert s["expert_bytes"] == one
     assert s["routed_expert_bytes"] == one * E * n_moe
@@ -455,7 +455,7 @@ def test_unwritable_output(ck, tmp_path, out_dir):
 @pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_failure_while_writing_leaves_nothing(ck, out_dir, monkeypatch, exc):
     """A write error (disk full) or Ctrl-C in the middle of the tensor data removes the temp."""
-    import convert.hf_to_gguf as h
+    import tide_cpp.convert.hf_to_gguf as h
     calls = {"n": 0}
     real = h.encode
 
@@ -530,7 +530,7 @@ def test_hub_offline_or_not_found(out_dir, monkeypatch):
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 def test_slicing_and_threads_do_not_change_the_bytes(checkpoints, out_dir, monkeypatch, outtype):
     """Tensors streamed in slices of a few rows, on 1 or 3 threads: the same file, byte for byte."""
-    import convert.hf_to_gguf as h
+    import tide_cpp.convert.hf_to_gguf as h
     d = checkpoints("wide")[0]
     ref = str(out_dir / "ref.gguf")
     convert(d, ref, outtype, progress=False, threads=1)

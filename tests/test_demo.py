@@ -24,14 +24,8 @@ QUESTIONS = {
 GEN = dict(max_tokens=32, block_length=32, steps=32, threshold=0.95, temperature=0.0)
 
 
-def _model_or_skip(**kw):
-    if not os.path.exists(DEMO):
-        pytest.skip("models/tide-demo.gguf is absent (train it: models/demo/README.md)")
-    try:
-        import tide_cpp
-        Model = tide_cpp.Model
-    except (ImportError, AttributeError, OSError) as e:
-        pytest.skip(f"tide_cpp.Model unavailable ({e}); build the library with make")
+def demo_model(**kw):
+    from tide_cpp import Model
     return Model(DEMO, **kw)
 
 
@@ -45,7 +39,7 @@ def _numbers(text):
 
 
 def test_demo_answers_fixed_questions():
-    with _model_or_skip(device="cpu", policy="cpu") as m:
+    with demo_model(device="cpu", policy="cpu") as m:
         for q, want in QUESTIONS.items():
             got = _ask(m, q)
             # the answer restates the question's numbers and gives the result, nothing else
@@ -54,7 +48,7 @@ def test_demo_answers_fixed_questions():
 
 
 def test_demo_known_sentence():
-    with _model_or_skip(device="cpu", policy="cpu") as m:
+    with demo_model(device="cpu", policy="cpu") as m:
         assert _ask(m, "What is 37 plus 48?") == "37 plus 48 is 85."
         assert _ask(m, "How many minutes are in 3 hours?") == "There are 180 minutes in 3 hours."
 
@@ -62,12 +56,12 @@ def test_demo_known_sentence():
 @pytest.mark.parametrize("policy,budget", [("gpu", None), ("static", 4), ("swap", 4),
                                            ("tide", 2), ("tide", 8)])
 def test_demo_same_answers_under_every_policy(policy, budget):
-    with _model_or_skip(device="sim", policy="cpu") as m:
+    with demo_model(device="sim", policy="cpu") as m:
         want = [_ask(m, q) for q in QUESTIONS]
     kw = dict(device="sim", policy=policy, refresh_interval=4)
     if budget is not None:
         kw["gpu_experts"] = budget
-    with _model_or_skip(**kw) as m:
+    with demo_model(**kw) as m:
         got = [_ask(m, q) for q in QUESTIONS]
         st = m.stats()
     assert got == want
@@ -78,7 +72,7 @@ def test_demo_same_answers_under_every_policy(policy, budget):
 def test_demo_bench_chat_prompts(capsys):
     """tide-cli bench --chat: the prompts go through the chat template, so the demo answers
     (a raw prompt is outside what it was trained on) and tokens/s measures real tokens."""
-    _model_or_skip(device="cpu").close()
+    demo_model(device="cpu").close()
     from tide_cpp.cli import main
     rc = main(["bench", "-m", DEMO, "--device", "sim", "-t", "1", "--chat", "--policies",
                "cpu,tide", "--gpu-experts", "4", "--threshold", "0.999", "--warmup", "0",

@@ -133,3 +133,57 @@ def test_wrong_architecture(good, tmp_path):
     assert good[q:q + 6] == b"llada2"
     d[q:q + 6] = b"llama2"
     load_bad(tmp_path, d, _lib.ERR_MODEL, "general.architecture is 'llama2'")
+
+
+# ---- bad arguments: the library checks them, the message names the argument as Python knows it --
+
+@pytest.fixture
+def good_path(good, tmp_path):
+    p = tmp_path / "good.gguf"
+    p.write_bytes(good)
+    return str(p)
+
+
+@pytest.mark.parametrize("kwargs,name,cause", [
+    (dict(policy="tide", gpu_experts=-1), "gpu_experts", "-1 is negative"),
+    (dict(policy="tide", gpu_experts=lambda n: [1] * (n + 1)), "gpu_experts", "the model has"),
+    (dict(policy="tide", gpu_experts=lambda n: [2] * (n - 1) + [-1]), "gpu_experts",
+     "-1 is negative"),
+    (dict(policy="tide", refresh_interval=0), "refresh_interval", "must be >= 1"),
+    (dict(policy="tide", prefetch_experts=-1), "prefetch_experts", "-1 is negative"),
+])
+def test_bad_residency_argument(good_path, kwargs, name, cause):
+    from tide_cpp.model import ArgumentError
+    if callable(kwargs.get("gpu_experts")):  # one budget per MoE layer, however many there are
+        with Model(good_path) as m:
+            kwargs = {**kwargs, "gpu_experts": kwargs["gpu_experts"](m.n_moe_layers)}
+    with pytest.raises(ValueError) as ei:
+        Model(good_path, device="sim", **kwargs)
+    e = ei.value
+    assert isinstance(e, ArgumentError) and isinstance(e, TideError) and e.status == _lib.ERR_ARG
+    assert str(e).startswith(name + ":") and cause in str(e), str(e)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(gpu_experts="many"), "gpu_experts"),
+    (dict(refresh_interval=2.5), "refresh_interval"),
+    (dict(prefetch_experts=True), "prefetch_experts"),
+    (dict(policy="fastest"), "policy"),
+])
+def test_argument_of_the_wrong_type(good_path, kwargs, name):
+    with pytest.raises(ValueError, match="^" + name):
+        Model(good_path, device="sim", **kwargs)
+
+
+def test_bad_step_arguments(good_path):
+    with Model(good_path, device="cpu") as m:
+        ids, want = [1, 2, 3, 4], [True] * 4
+        for kw, name in ((dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                         (dict(step_in_block=-1), "step_in_block")):
+            with pytest.raises(ValueError, match="^" + name) as ei:
+                m.step(ids, want, **{"step_in_block": 0, **kw})
+            assert ei.value.status == _lib.ERR_ARG
+        with pytest.raises(ValueError, match="^block_length"):
+            m.logits(ids, block_length=0)
+        tok, _ = m.step(ids, want, step_in_block=0)  # still usable after refusals
+        assert len(tok) == 4

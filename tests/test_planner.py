@@ -3,13 +3,14 @@ construction, plans respect the grant, pricing is consistent with the replay."""
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
 
-from tide_cpp.planner import (HardwareProfile, knapsack, parse_bytes, plan, plan_auto,
-                              plot_plan, predict)
+from tide_cpp.planner import HardwareProfile, knapsack, plan, plan_auto, plot_plan, predict
 from tide_cpp.replay import Trace, synthetic_trace
+from tide_cpp.units import fmt_bytes, parse_bytes
 
 EB = 1 << 20
 
@@ -166,8 +167,16 @@ def test_parse_bytes():
     assert parse_bytes("8GiB") == 8 << 30
     assert parse_bytes("1.5 GB") == 1_500_000_000
     assert parse_bytes(123) == 123
+    assert parse_bytes(np.int64(7)) == 7
     with pytest.raises(ValueError):
         parse_bytes("lots")
+
+
+def test_fmt_bytes():
+    assert fmt_bytes(512) == "512 B"
+    assert fmt_bytes(1536) == "1.50 KiB"
+    assert fmt_bytes(768 << 10, digits=1) == "768.0 KiB"
+    assert fmt_bytes(3 << 40) == "3.00 TiB"
 
 
 def test_plot(tmp_path):
@@ -220,13 +229,14 @@ def test_cli_plan_and_trace_stats(tmp_path, capsys):
     pp = tmp_path / "p.json"
     HardwareProfile(device="cuda", h2d_bandwidth=2e9, host_expert=(4e-4, 2e-5),
                     device_expert=(5e-6, 1e-7)).save(pp)
-    rc, out = _cli(["plan", "--trace", str(tp), "--profile", str(pp), "--gpu-memory", "20MiB",
-                    "--json", str(tmp_path / "plan.json")], capsys)
+    rc, out = _cli(["plan", "--trace", str(tp), "--hw-profile", str(pp), "--device-memory",
+                    "20MiB", "--json", str(tmp_path / "plan.json")], capsys)
     assert rc == 0, out.err
     assert "uniform plan" in out.out and "refresh_interval" in out.out
     assert (tmp_path / "t.plan.png").exists()          # default: beside the trace
     d = json.loads((tmp_path / "plan.json").read_text())
     assert sum(d["budgets"]) * EB + 4 * EB <= 20 << 20
+    # the old spellings --profile and --gpu-memory still work
     rc, out = _cli(["plan", "--trace", str(tp), "--profile", str(pp), "--gpu-memory", "2MiB",
                     "--no-plot"], capsys)
     assert rc == 2 and "smaller than the non-expert weights" in out.err
@@ -245,18 +255,10 @@ def test_shipped_profiles_load():
         assert prof.method and prof.machine and prof.h2d_bandwidth > 0
 
 
-# ---- on the engine (skipped until it is built) -------------------------------------------------------
-
-def _engine_or_skip():
-    try:
-        from tide_cpp.model import Model  # noqa: F401
-    except Exception as e:
-        pytest.skip(f"native engine unavailable: {e}")
-
+# ---- on the engine ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    _engine_or_skip()
     from test_replay import build_tiny_gguf
     return build_tiny_gguf(tmp_path_factory.mktemp("tiny_planner"))
 
@@ -269,19 +271,39 @@ def test_engine_commands(tiny_gguf, tmp_path, capsys):
     p = HardwareProfile.load(str(prof))
     assert p.method.startswith("engine") and p.device == "sim" and not p.overlap
     pop = tmp_path / "pop.json"
-    rc, out = _cli(["profile", "-m", tiny_gguf, "-o", str(pop), "-p", "Hello", "--max-tokens", "8",
-                    "--block-length", "8", "--steps", "8"], capsys)
+    rc, out = _cli(["popularity", "-m", tiny_gguf, "--device", "cpu", "-o", str(pop), "-p",
+                    "Hello", "--max-tokens", "8", "--block-length", "8", "--steps", "8"], capsys)
     assert rc == 0, out.err
     counts = np.asarray(json.loads(pop.read_text())["counts"])
     assert counts.shape == (3, 16) and counts.sum() > 0
     rc, out = _cli(["bench", "-m", tiny_gguf, "--device", "sim", "-t", "1",
                     "--policies", "cpu,static,swap,tide,gpu", "--gpu-experts", "3",
                     "--refresh-interval", "2", "--max-tokens", "8", "--block-length", "8",
-                    "--steps", "8", "-p", "Hello", "--popularity", str(pop), "--profile", str(prof),
+                    "--steps", "8", "-p", "Hello", "--popularity", str(pop), "--hw-profile", str(prof),
                     "--warmup", "0"], capsys)
     assert rc == 0, out.out + out.err
     rows = [l for l in out.out.splitlines() if l.startswith("|") and "---" not in l][1:]
     assert len(rows) == 5 and all(l.rstrip(" |").endswith("yes") for l in rows)
+
+
+def test_plan_takes_the_nonexpert_bytes_from_the_model(tiny_gguf, tmp_path, capsys):
+    """plan -m: the library's count of the weights that are not routed experts, which is every
+    tensor of the file but blk.N.ffn_{gate,up,down}.E.weight."""
+    from gguf import GGUFReader
+    want = sum(int(t.n_bytes) for t in GGUFReader(tiny_gguf).tensors
+               if not re.fullmatch(r"blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight", t.name))
+    tr = synthetic_trace(n_layers=3, n_expert=16, n_used=2, block_length=8, n_blocks=1,
+                         steps_per_block=4, expert_bytes=EB, seed=1)
+    tp = tmp_path / "t.npz"
+    tr.save(tp)
+    pp = tmp_path / "p.json"
+    HardwareProfile(device="sim", h2d_bandwidth=2e9, host_expert=(4e-4, 2e-5)).save(pp)
+    rc, out = _cli(["plan", "--trace", str(tp), "--hw-profile", str(pp), "--device-memory",
+                    "64MiB", "-m", tiny_gguf, "--no-plot", "--json", str(tmp_path / "p.out")],
+                   capsys)
+    assert rc == 0, out.err
+    d = json.loads((tmp_path / "p.out").read_text())
+    assert d["memory_used"] == want + sum(d["budgets"]) * EB
 
 
 def test_engine_plan_auto(tiny_gguf):

@@ -249,7 +249,7 @@ def build_tiny_gguf(d):
     GGUF in directory d the way the other suites build theirs; skips when the converter is not
     there. Returns the path."""
     try:
-        from convert.hf_to_gguf import convert
+        from tide_cpp.convert.hf_to_gguf import convert
     except Exception as e:
         pytest.skip(f"converter unavailable: {e}")
     import hf_checkpoint as hc

@@ -6,7 +6,7 @@ import sys
 
 # name -> module under tide_cpp.commands; each has add_parser(subparsers) and run(args) -> int.
 COMMANDS = [
-    "convert", "info", "generate", "chat", "bench", "profile", "trace_stats", "calibrate", "plan",
+    "convert", "info", "generate", "chat", "bench", "popularity", "trace_stats", "calibrate", "plan",
     "serve",
 ]
 
@@ -19,12 +19,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"tide_cpp.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"tide_cpp.commands.{name}":
-                continue  # subcommand not part of this build
-            raise
+        mod = importlib.import_module(f"tide_cpp.commands.{name}")
         p = mod.add_parser(sub)
         p.set_defaults(_run=mod.run)
     return parser

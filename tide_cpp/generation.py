@@ -1,5 +1,5 @@
 """Block-diffusion generation: the released LLaDA2.0 `generate()` schedule on the engine's step
-interface, with a KV cache of finished blocks (../shared/LLADA2.md section 4).
+interface, with a KV cache of finished blocks (docs/GENERATION.md).
 
 The core runs forwards; this module decides which tokens to unmask:
 
@@ -321,7 +321,7 @@ class _Decoder:
 
 
 def _plan_auto(model):
-    # policy="auto": after the first block, the planner (tide_cpp/planner.py, its own issue)
+    # policy="auto": after the first block, the planner (tide_cpp/planner.py)
     # picks the refresh interval and per-layer budgets from the routing trace so far, and the
     # rest of the answer runs as `tide` with them. Skipped when this build has no planner; a
     # planner that cannot plan (no hardware profile) leaves the policy as it is, with a warning.

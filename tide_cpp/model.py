@@ -25,6 +25,12 @@ def _i32_ptr(a):
     return a.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
 
 
+def _check_int(name, v):
+    """An int for a C int field (the library checks its range)."""
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+        raise ValueError(f"{name}: {v!r}, must be an int")
+
+
 def _ids_array(ids, name="ids"):
     a = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
     if a.size == 0:
@@ -34,8 +40,43 @@ def _ids_array(ids, name="ids"):
     return a.astype(np.int32)
 
 
+class ArgumentError(TideError, ValueError):
+    """A bad argument the native library refused (status ERR_ARG): a TideError, and a ValueError
+    like the ones raised here before anything reaches the library. The message names the
+    argument as Model knows it (gpu_experts, not the C field budgets)."""
+
+
+# C parameter names -> the Python argument users passed
+_ARG_NAMES = {"budget": "gpu_experts", "budgets": "gpu_experts", "prefetch": "prefetch_experts"}
+
+
+def _error(status, message):
+    if status != _lib.ERR_ARG:
+        return TideError(status, message)
+    name, sep, rest = message.partition(":")
+    field = name.split("[")[0]
+    if sep and field in _ARG_NAMES:
+        message = f"{_ARG_NAMES[field]}: {message}"
+    return ArgumentError(status, message)
+
+
+def resolve_device(device):
+    """The device `auto` means here: cuda when a GPU is usable, else cpu. Other names unchanged
+    (cuda raises when no GPU is usable)."""
+    if device not in _lib.DEVICES and device != "auto":
+        raise ValueError(f"device: unknown device {device!r} (cpu, sim, cuda or auto)")
+    if device == "auto":
+        return "cuda" if _lib.cuda_available()[0] else "cpu"
+    if device == "cuda":
+        ok, why = _lib.cuda_available()
+        if not ok:
+            raise TideError(_lib.ERR_UNSUPPORTED, f"device='cuda' but no usable GPU: {why}")
+    return device
+
+
 class Model:
-    """A LLaDA2.0 GGUF on a backend: device cpu | sim | cuda | auto.
+    """A LLaDA2.0 GGUF on a backend: device cpu | sim | cuda | auto (cuda when a GPU is usable,
+    else cpu).
 
     policy gpu | cpu | static | swap | tide decides which routed experts sit on the device;
     gpu_experts is the slot budget of every MoE layer (an int) or one per MoE layer (a list);
@@ -46,30 +87,20 @@ class Model:
 
     def __init__(self, path, device="cpu", n_threads=None, n_ctx=None, policy="gpu",
                  gpu_experts=None, refresh_interval=4, trace=False, device_memory=None,
-                 popularity=None, verbose=False, prefetch_experts=0):
+                 popularity=None, prefetch_experts=0):
         self._model = None
         self._ctx = None
         self._lib = _lib.lib()
-        if device not in ("cpu", "sim", "cuda", "auto"):
-            raise ValueError(f"device: unknown device {device!r} (cpu, sim, cuda or auto)")
+        device = resolve_device(device)
         if n_threads is not None and (not isinstance(n_threads, (int, np.integer)) or n_threads < 1):
             raise ValueError(f"n_threads: {n_threads!r}, must be a positive int or None")
         if n_ctx is not None and (not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1):
             raise ValueError(f"n_ctx: {n_ctx!r}, must be a positive int or None")
-        if (not isinstance(prefetch_experts, (int, np.integer)) or isinstance(prefetch_experts, bool)
-                or prefetch_experts < 0):
-            raise ValueError(f"prefetch_experts: {prefetch_experts!r}, must be an int >= 0")
-        if device_memory is not None and device_memory < 0:
+        _check_int("prefetch_experts", prefetch_experts)
+        if device_memory is not None and device_memory < 0:  # the C field is unsigned
             raise ValueError(f"device_memory: {device_memory!r} is negative")
-        if device == "auto":
-            device = "cuda" if _lib.cuda_available()[0] else "cpu"
-        elif device == "cuda":
-            ok, why = _lib.cuda_available()
-            if not ok:
-                raise TideError(_lib.ERR_UNSUPPORTED, f"device='cuda' but no usable GPU: {why}")
         self.device = device
         self.path = os.fspath(path)
-        self.verbose = verbose
 
         err = ctypes.create_string_buffer(_ERR_LEN)
         mp = ctypes.c_void_p()
@@ -106,11 +137,10 @@ class Model:
                                            _ERR_LEN)
         if st != _lib.OK:
             self.close()
-            raise TideError(st, err.value.decode("utf-8", "replace"))
+            raise _error(st, err.value.decode("utf-8", "replace"))
         self._ctx = cp
         self._policy = policy if device != "cpu" else "cpu"
         self._refresh_interval = interval
-        self._budgets = self._budget_list(budget, budgets)
         self._trace_on = bool(trace)
         self.device_memory = int(device_memory) if device_memory else None
         self.prefetch_experts = int(prefetch_experts)
@@ -120,44 +150,27 @@ class Model:
             self.set_popularity(popularity)
 
     # ---- checks ---------------------------------------------------------------------------
+    # Python values -> the C parameters. Ranges (budgets >= 0, one per MoE layer, interval >= 1,
+    # prefetch >= 0) are the library's to check: it refuses with ERR_ARG, raised as ArgumentError.
     def _check_residency(self, policy, gpu_experts, refresh_interval):
         # `auto` runs as `tide`; generation asks the planner for the interval and budgets after
         # the first block (tide_cpp.generation._plan_auto) and switches with set_residency.
         if policy not in _lib.POLICIES and policy != "auto":
             raise ValueError(f"policy: unknown policy {policy!r} "
                              f"({', '.join(list(_lib.POLICIES) + ['auto'])})")
-        if (not isinstance(refresh_interval, (int, np.integer)) or isinstance(refresh_interval, bool)
-                or refresh_interval < 1):
-            raise ValueError(f"refresh_interval: {refresh_interval!r}, must be an int >= 1")
+        _check_int("refresh_interval", refresh_interval)
         budget, budgets = 0, None
         if gpu_experts is None:
             pass
         elif isinstance(gpu_experts, (int, np.integer)) and not isinstance(gpu_experts, bool):
-            if gpu_experts < 0:
-                raise ValueError(f"gpu_experts: {gpu_experts} is negative")
             budget = int(gpu_experts)
         else:
             try:
-                lst = [int(b) for b in gpu_experts]
-            except TypeError:
+                budgets = np.ascontiguousarray([int(b) for b in gpu_experts], dtype=np.int32)
+            except (TypeError, ValueError):
                 raise ValueError(f"gpu_experts: {gpu_experts!r}, expected an int or a list of ints")
-            if len(lst) != self.n_moe_layers:
-                raise ValueError(f"gpu_experts: {len(lst)} budgets, the model has "
-                                 f"{self.n_moe_layers} MoE layers")
-            if any(b < 0 for b in lst):
-                raise ValueError(f"gpu_experts: negative budget in {lst}")
-            budgets = np.ascontiguousarray(lst, dtype=np.int32)
         native = _lib.POLICIES["tide" if policy == "auto" else policy]
         return native, budget, budgets, int(refresh_interval)
-
-    def _budget_list(self, budget, budgets):
-        E = self.hparams["n_expert"]
-        if self._policy == "gpu":
-            return [E] * self.n_moe_layers
-        if self._policy == "cpu":
-            return [0] * self.n_moe_layers
-        src = list(budgets) if budgets is not None else [budget] * self.n_moe_layers
-        return [min(int(b), E) for b in src]
 
     def _check_open(self):
         if self._ctx is None:
@@ -165,7 +178,7 @@ class Model:
 
     def _fail(self, st):
         msg = self._lib.tide_context_error(self._ctx)
-        raise TideError(st, msg.decode("utf-8", "replace") if msg else "")
+        raise _error(st, msg.decode("utf-8", "replace") if msg else "")
 
     # ---- properties -----------------------------------------------------------------------
     @property
@@ -246,14 +259,6 @@ class Model:
         w = np.ascontiguousarray(np.asarray(want, dtype=bool).reshape(-1)).astype(np.uint8)
         if w.size != a.size:
             raise ValueError(f"want: {w.size} entries for {a.size} ids")
-        if step_in_block < 0:
-            raise ValueError(f"step_in_block: {step_in_block} is negative")
-        if temperature is None or not temperature >= 0:
-            raise ValueError(f"temperature: {temperature!r}, must be >= 0")
-        if top_k is not None and top_k < 0:
-            raise ValueError(f"top_k: {top_k!r} is negative")
-        if top_p is not None and not (0 < top_p <= 1):
-            raise ValueError(f"top_p: {top_p!r}, must be in (0, 1]")
         s = _lib.tide_sampling(float(temperature), int(top_k or 0),
                                float(1.0 if top_p is None else top_p), int(seed) & (2**64 - 1))
         tok = np.empty(a.size, dtype=np.int32)
@@ -274,8 +279,7 @@ class Model:
         the cache."""
         self._check_open()
         a = _ids_array(ids)
-        if not isinstance(block_length, (int, np.integer)) or block_length < 1:
-            raise ValueError(f"block_length: {block_length!r}, must be an int >= 1")
+        _check_int("block_length", block_length)
         out = np.empty((a.size, self.n_vocab), dtype=np.float32)
         st = self._lib.tide_logits(self._ctx, _i32_ptr(a), a.size, int(block_length),
                                    out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
@@ -297,7 +301,6 @@ class Model:
         if self.device != "cpu":
             self._policy = policy
         self._refresh_interval = interval
-        self._budgets = self._budget_list(budget, budgets)
 
     def set_popularity(self, counts):
         """Popularity profile for `static`: counts [n_moe_layers, n_expert]."""
@@ -343,7 +346,7 @@ class Model:
         out["per_layer"] = per
         out["policy"] = self._policy
         out["refresh_interval"] = self._refresh_interval
-        out["budgets"] = list(self._budgets)
+        out["budgets"] = [d["budget"] for d in per]  # the library's, clamped to the expert count
         out["device"] = self.device
         return out
 

@@ -36,12 +36,12 @@ The program, for each candidate interval tau:
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field, asdict
 
 import numpy as np
 
 from .replay import KIND_STEP, Trace, replay, tide_sweep
+from .units import fmt_bytes, parse_bytes
 
 # ---- the hardware profile ----------------------------------------------------------------------
 
@@ -114,31 +114,6 @@ class HardwareProfile:
         d["shared_expert"] = tuple(x * r for x in self.shared_expert)
         d["expert_bytes"] = int(expert_bytes)
         return HardwareProfile(**d)
-
-
-# ---- sizes -------------------------------------------------------------------------------------
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(s) -> int:
-    """'8GiB', '8 GB', '512MiB', 1e9 -> bytes."""
-    if isinstance(s, (int, np.integer)):
-        return int(s)
-    if isinstance(s, float):
-        return int(s)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(s))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {s!r} (examples: 8GiB, 512MiB, 12GB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= k:
-            return f"{n / k:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 # ---- pricing -----------------------------------------------------------------------------------

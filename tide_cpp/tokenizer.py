@@ -18,7 +18,7 @@ KEY_IDS = {
     "pad": "tokenizer.ggml.padding_token_id",
     "mask": "tokenizer.ggml.mask_token_id",
 }
-# The texts LLaDA2 gives its special tokens (LLADA2.md section 1): the fallback when no id is
+# The texts LLaDA2 gives its special tokens (docs/MODEL.md): the fallback when no id is
 # recorded.
 SPECIAL_TEXTS = {
     "bos": "<|startoftext|>",

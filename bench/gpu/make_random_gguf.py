@@ -6,7 +6,7 @@ but the routing varies from token to token as a real model's does).
     python3 bench/gpu/make_random_gguf.py OUT.gguf [--layers 20] [--outtype bf16]
 
 Metadata, tensor names, order, alignment and the tokenizer come from the converter's own code
-(convert.hparams / tensor_map / tokenizer_meta) and tests/hf_checkpoint.make_tokenizer, so the
+(tide_cpp.convert.hparams / tensor_map / tokenizer_meta) and tests/hf_checkpoint.make_tokenizer, so the
 engine loads it exactly as a converted file.
 """
 
@@ -25,11 +25,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 from gguf import GGUFWriter  # noqa: E402
 
-from convert.hf_to_gguf import ARCH, add_metadata, pad_to_alignment  # noqa: E402
-from convert.hparams import hparams  # noqa: E402
-from convert.quant import nbytes, storage_type  # noqa: E402
-from convert.tensor_map import plan  # noqa: E402
-from convert.tokenizer_meta import tokenizer_meta  # noqa: E402
+from tide_cpp.convert.hf_to_gguf import ARCH, add_metadata, pad_to_alignment  # noqa: E402
+from tide_cpp.convert.hparams import hparams  # noqa: E402
+from tide_cpp.convert.quant import nbytes, storage_type  # noqa: E402
+from tide_cpp.convert.tensor_map import plan  # noqa: E402
+from tide_cpp.convert.tokenizer_meta import tokenizer_meta  # noqa: E402
 import hf_checkpoint as hfc  # noqa: E402
 
 MINI = dict(num_hidden_layers=20, hidden_size=2048, intermediate_size=5120,

@@ -3,7 +3,7 @@
     python models/demo/train.py --fresh                   # the recipe: one run, ~45 min, 2 cores
     python models/demo/train.py                           # resume from work/state.pt
     python models/demo/train.py --export-only             # write the HF checkpoint from state
-    python -m convert models/demo/work/hf -o models/tide-demo.gguf --outtype bf16
+    python -m tide_cpp.convert models/demo/work/hf -o models/tide-demo.gguf --outtype bf16
     models/demo/reproduce.sh                              # the shipped model, train + convert
 
 The forward pass is tests/reference.py's (the engine's oracle), with its MoE layer computed as

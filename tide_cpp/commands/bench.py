@@ -1,38 +1,27 @@
 """tide-cli bench: the same prompts under each residency policy, one table: steps/s, tokens/s,
-time per step (measured, and predicted by the planner's cost model when --profile is given),
+time per step (measured, and predicted by the planner's cost model when a --hw-profile is given),
 H2D bytes per step, host token-expert pairs per step, device hit rate, and whether the generated
 tokens are identical to the first policy's (they must be: every policy is exact)."""
 
 import sys
 import time
 
+from . import _options
+
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="compare residency policies on the same prompts", description=__doc__)
-    p.add_argument("-m", "--model", required=True, help="GGUF model")
-    p.add_argument("--policies", default="cpu,static,swap,tide,gpu",
-                   help="comma-separated: cpu,gpu,static,swap,tide,auto")
-    p.add_argument("--gpu-experts", default="32",
-                   help="expert slots per MoE layer (an int, or a comma list per layer)")
-    p.add_argument("--refresh-interval", type=int, default=4)
-    p.add_argument("--prefetch-experts", type=int, default=0, metavar="N",
-                   help="tide: experts per MoE layer copied ahead of a refresh (default: 0)")
-    p.add_argument("--device", default="auto", choices=["auto", "sim", "cuda", "cpu"])
-    p.add_argument("-t", "--threads", type=int)
-    p.add_argument("--prompts", help="text file, one prompt per line")
-    p.add_argument("-p", "--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap each prompt in the model's chat template as a user message")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--threshold", type=float, default=0.95)
-    p.add_argument("--popularity", help="popularity JSON for static (tide-cli profile)")
-    p.add_argument("--profile", help="hardware profile JSON: add the predicted time per step")
-    p.add_argument("--device-memory", help="device memory grant (e.g. 8GiB; auto plans within it)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs of the first prompt per policy")
-    p.add_argument("--repeat", type=int, default=1, help="runs per prompt; times are their median")
-    p.add_argument("--markdown", help="also write the table (markdown) to this file")
+    _options.add_model_options(p, n_ctx=False)
+    _options.add_residency_options(p, policies=["cpu", "static", "swap", "tide", "gpu"],
+                                   gpu_experts=32, refresh_interval=4, prefetch_experts=0)
+    _options.add_prompt_options(p)
+    _options.add_generation_options(p, ("max_tokens", "block_length", "steps", "threshold"),
+                                    max_tokens=64)
+    m = p.add_argument_group("measurement")
+    _options.add_hw_profile_option(m, required=False, help="add the predicted time per step")
+    m.add_argument("--warmup", type=int, default=1, help="untimed runs of the first prompt per policy")
+    _options.add_repeat_option(m, 1, "runs per prompt; times are their median")
+    m.add_argument("--markdown", metavar="FILE", help="also write the table (markdown) to this file")
     return p
 
 
@@ -40,11 +29,6 @@ DEFAULT_PROMPTS = [
     "What is 37 plus 48?",
     "Write a short poem about the moon.",
 ]
-
-
-def _budget_arg(s):
-    parts = [int(x) for x in str(s).split(",") if x.strip()]
-    return parts[0] if len(parts) == 1 else parts
 
 
 def bench_policy(path, policy, budget, tau, device, threads, prompts, gen_kw, popularity=None,
@@ -114,28 +98,27 @@ def bench_policy(path, policy, budget, tau, device, threads, prompts, gen_kw, po
 
 
 def run(args):
-    from ..planner import HardwareProfile, parse_bytes
-    from .profile import load_popularity, load_prompts
+    from ..model import resolve_device
+    from ..planner import HardwareProfile
+    from ..popularity import load_popularity
 
-    prompts = load_prompts(args) if (args.prompts or args.prompt) else DEFAULT_PROMPTS
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    budget = _budget_arg(args.gpu_experts)
-    device = args.device
-    if device == "auto":
-        from .. import _lib
-        device = "cuda" if _lib.cuda_available()[0] else "sim"
+    prompts = _options.prompts_of(args, DEFAULT_PROMPTS)
+    budget = args.gpu_experts
+    device = resolve_device(args.device)
+    if device == "cpu":
+        print("device cpu: the host alone, nothing is resident, so every policy runs as cpu; "
+              "--device sim simulates a device", file=sys.stderr)
     popularity = load_popularity(args.popularity) if args.popularity else None
-    profile = HardwareProfile.load(args.profile) if args.profile else None
-    dm = parse_bytes(args.device_memory) if args.device_memory else None
-    gen_kw = dict(max_tokens=args.max_tokens, block_length=args.block_length, steps=args.steps,
-                  threshold=args.threshold)
+    profile = HardwareProfile.load(args.hw_profile) if args.hw_profile else None
+    gen_kw = _options.generation_kwargs(args, ("max_tokens", "block_length", "steps", "threshold"))
     rows, ref = [], None
-    for pol in policies:
+    for pol in args.policies:
         print(f"running {pol} ...", file=sys.stderr, flush=True)
         try:
             row, toks = bench_policy(args.model, pol, budget, args.refresh_interval, device,
-                                     args.threads, prompts, gen_kw, popularity, args.warmup, dm,
-                                     profile, args.repeat, args.chat, args.prefetch_experts)
+                                     args.threads, prompts, gen_kw, popularity, args.warmup,
+                                     args.device_memory, profile, args.repeat, args.chat,
+                                     args.prefetch_experts)
         except Exception as e:  # a policy that cannot run here (gpu too large): say why, go on
             print(f"  {pol}: {type(e).__name__}: {e}", file=sys.stderr)
             rows.append({"policy": pol, "error": str(e)})
@@ -161,10 +144,12 @@ def run(args):
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
     table = [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(l) for l in lines]
-    desc = (f"model {args.model}, device {device}, budget {args.gpu_experts}, refresh interval "
+    budget_text = ",".join(map(str, budget)) if isinstance(budget, list) else budget
+    desc = (f"model {args.model}, device {device}, budget {budget_text}, refresh interval "
             f"{args.refresh_interval}, {len(prompts)} prompt(s), max_tokens {args.max_tokens}, "
             f"block {args.block_length}, steps {args.steps}, threshold {args.threshold}, "
-            f"median of {args.repeat} run(s)" + (f", profile {args.profile}" if args.profile else "")
+            f"median of {args.repeat} run(s)"
+            + (f", hardware profile {args.hw_profile}" if args.hw_profile else "")
             + (f", tide prefetch {args.prefetch_experts}" if args.prefetch_experts else ""))
     print(desc)
     print("\n".join(table))

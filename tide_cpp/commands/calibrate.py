@@ -5,40 +5,37 @@ model; without, a numpy/memcpy proxy at mini's expert shape is measured and labe
 
 import sys
 
+from . import _options
+
 
 def add_parser(sub):
     p = sub.add_parser("calibrate", help="measure a hardware profile for the planner", description=__doc__)
-    p.add_argument("-m", "--model", help="GGUF to calibrate with (engine timers); none: proxy")
-    p.add_argument("-o", "--output", required=True, help="profile JSON to write")
-    p.add_argument("--device", default="auto", choices=["auto", "sim", "cuda", "cpu"],
-                   help="device to calibrate (auto: cuda if present, else sim)")
-    p.add_argument("-t", "--threads", type=int, help="host threads (default: all)")
-    p.add_argument("-p", "--prompt", action="append", help="prompt(s) for the runs")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--block-lengths", default="4,8,32", help="block lengths of the runs (default 4,8,32)")
-    p.add_argument("--repeat", type=int, default=3, help="repeats of each run; timers are their median")
-    p.add_argument("--hidden", type=int, default=2048, help="proxy: hidden size (mini: 2048)")
-    p.add_argument("--ff", type=int, default=512, help="proxy: expert FFN size (mini: 512)")
+    _options.add_model_options(p, required=False, n_ctx=False,
+                               help="GGUF to calibrate with (the engine's timers); none: the proxy")
+    _options.add_output_option(p, "the hardware profile to write")
+    _options.add_prompt_options(p, chat=False)
+    _options.add_generation_options(p, ("max_tokens",), max_tokens=32)
+    r = p.add_argument_group("runs")
+    r.add_argument("--block-lengths", default="4,8,32", help="block lengths of the runs (default 4,8,32)")
+    _options.add_repeat_option(r, 3, "repeats of each run; the timers are their median")
+    x = p.add_argument_group("proxy (without -m)")
+    x.add_argument("--hidden", type=int, default=2048, help="hidden size (mini: 2048)")
+    x.add_argument("--ff", type=int, default=512, help="expert FFN size (mini: 512)")
     return p
 
 
 def run(args):
-    from ..profile_hw import calibrate_engine, calibrate_proxy
-    device = args.device
-    if device == "auto":
-        device = "sim"
-        try:
-            from .. import _lib
-            if _lib.cuda_available()[0]:
-                device = "cuda"
-        except Exception:
-            pass
+    from ..calibration import DEFAULT_PROMPTS, calibrate_engine, calibrate_proxy
+    from ..model import resolve_device
+
+    device = resolve_device(args.device)
     if args.model:
         bls = tuple(int(x) for x in args.block_lengths.split(","))
         print(f"calibrating on {args.model}, device {device}", file=sys.stderr)
         prof = calibrate_engine(args.model, device=device, n_threads=args.threads,
-                                prompts=args.prompt, max_tokens=args.max_tokens, block_lengths=bls, repeat=args.repeat,
-                                log=lambda s: print(s, file=sys.stderr))
+                                prompts=_options.prompts_of(args, DEFAULT_PROMPTS[:1]),
+                                max_tokens=args.max_tokens, block_lengths=bls,
+                                repeat=args.repeat, log=lambda s: print(s, file=sys.stderr))
     else:
         print("no model: measuring the numpy/memcpy proxy (not the engine's kernels)", file=sys.stderr)
         prof = calibrate_proxy(args.hidden, args.ff, device=device)

@@ -23,9 +23,9 @@ def add_parser(subparsers):
                     "block by block. /reset forgets the conversation, /exit or Ctrl-D leaves, "
                     "Ctrl-C stops the reply in progress.")
     _options.add_model_options(p)
+    _options.add_residency_options(p)
     g = p.add_argument_group("chat")
-    g.add_argument("-s", "--system", default=None, metavar="TEXT",
-                   help="system message that opens the conversation")
+    _options.add_system_option(g, "system message that opens the conversation")
     g.add_argument("--stats", action="store_true",
                    help="print the statistics of every reply")
     _options.add_generation_options(p, max_tokens=512)

@@ -1,6 +1,6 @@
 """tide-cli convert SRC -o OUT.gguf --outtype f32|f16|bf16|q8_0: HF checkpoint to GGUF."""
 
-from convert.cli import add_arguments, run_args
+from tide_cpp.convert.cli import add_arguments, run_args
 
 
 def add_parser(subparsers):

@@ -20,18 +20,14 @@ def add_parser(subparsers):
         epilog="example: tide-cli generate -m models/tide-demo.gguf --chat -p 'What is 37 plus "
                "48?' --policy tide --gpu-experts 4")
     _options.add_model_options(p)
-    g = p.add_argument_group("prompt and output")
-    g.add_argument("-p", "--prompt", default=None,
-                   help="the prompt text ('-' or left out: read standard input)")
-    g.add_argument("--chat", action="store_true",
-                   help="wrap the prompt in the model's chat template as a user message")
-    g.add_argument("-s", "--system", default=None, metavar="TEXT",
-                   help="with --chat: a system message before the prompt")
-    g.add_argument("--visual", action="store_true",
+    _options.add_residency_options(p)
+    g = _options.add_prompt_options(p, many=False)
+    _options.add_system_option(g, "with --chat: a system message before the prompt")
+    o = p.add_argument_group("output")
+    o.add_argument("--visual", action="store_true",
                    help="redraw the canvas live: masked positions dim, new tokens bold")
-    g.add_argument("--trace", default=None, metavar="FILE.npz",
-                   help="save the routing trace of every forward (input of tide-cli plan)")
-    g.add_argument("--no-stats", dest="stats", action="store_false",
+    _options.add_trace_option(o, output=True)
+    o.add_argument("--no-stats", dest="stats", action="store_false",
                    help="do not print the statistics at the end")
     _options.add_generation_options(p)
     return p

@@ -21,6 +21,7 @@ def add_parser(subparsers):
         epilog="example: tide-cli serve -m models/tide-demo.gguf --device sim --policy tide "
                "--gpu-experts 4, then open http://127.0.0.1:8080/")
     _options.add_model_options(p)
+    _options.add_residency_options(p)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 "

@@ -7,7 +7,7 @@ writer), cli (command line)."""
 
 
 def __getattr__(name):
-    # Lazy, so that `convert.cli` (tide-cli's parser) does not import numpy and gguf.
+    # Lazy, so that `tide_cpp.convert.cli` (tide-cli's parser) does not import numpy and gguf.
     if name == "convert":
         from .hf_to_gguf import convert
         return convert

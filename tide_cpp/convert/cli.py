@@ -1,5 +1,5 @@
-"""The converter's command line (python -m convert, tide-cli convert): light imports only, so
-that building tide-cli's parser does not load numpy or gguf."""
+"""The converter's command line (python -m tide_cpp.convert, tide-cli convert): light imports
+only, so that building tide-cli's parser does not load numpy or gguf."""
 
 import os
 import sys
@@ -44,7 +44,7 @@ def run_args(args):
 
 def main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(prog="python -m convert",
+    p = argparse.ArgumentParser(prog="python -m tide_cpp.convert",
                                 description="Convert a LLaDA2.0 HF checkpoint to GGUF.")
     add_arguments(p)
     return run_args(p.parse_args(argv))
