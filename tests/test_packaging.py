@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 def _run(cmd, cwd, env=None, timeout=900):
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, (f"{' '.join(map(str, cmd))} failed:\n{r.stdout[-3000:]}\n"
+                               f"{r.stderr[-3000:]}")
     return r.stdout
 
 

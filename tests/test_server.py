@@ -325,7 +325,8 @@ def test_full_queue_is_503():
         wait_for(s, lambda q: q["queued"] == 1)
         status, body = request(s.url + "/v1/completions", SLOW)
         assert status == 503
-        assert body["error"]["type"] == "server_error" and "queue is full" in body["error"]["message"]
+        assert body["error"]["type"] == "server_error"
+        assert "queue is full" in body["error"]["message"]
         slow.join()
         queued.join()
         assert [st for st, _ in results] == [200, 200]

@@ -105,7 +105,8 @@ class _Canvas:
     def on_step(self, info, send_events):
         self.steps += 1
         self.blocks.add(info.block)
-        start, B, P, mask = info.block_start, info.block_length, info.prompt_length, info.mask_token_id
+        start, B, P = info.block_start, info.block_length, info.prompt_length
+        mask, end = info.mask_token_id, info.prompt_length + info.max_tokens
         cur = info.canvas[start:start + B]
         if self._block != info.block:          # the block before its first step: masks
             prev = cur.copy()
@@ -116,19 +117,23 @@ class _Canvas:
         self._prev = cur.copy()
         if send_events:
             pos = np.arange(start, start + B)
-            answer = (pos >= P) & (pos < P + info.max_tokens)
+            answer = (pos >= P) & (pos < end)
             unmasked = answer & (prev == mask) & (cur != mask)
             edited = answer & (prev != mask) & (prev != cur)
-            ev = {
+
+            def text(p):
+                t = cur[p - start]
+                return None if t == mask else self._text(t)
+
+            self.job.emit("step", {
                 "block": int(info.block), "step": int(info.step),
-                "start": int(max(start, P) - P), "end": int(min(start + B, P + info.max_tokens) - P),
+                "start": int(max(start, P) - P), "end": int(min(start + B, end) - P),
                 "masked": int(info.n_masked),
-                "unmasked": [[int(p - P), self._text(cur[p - start])] for p in pos[unmasked]],
-                "edited": [[int(p - P), None if cur[p - start] == mask else self._text(cur[p - start])]
-                           for p in pos[edited]],
-                "eos": [int(p - P) for p in pos[(unmasked | edited)] if cur[p - start] == info.eos_token_id],
-            }
-            self.job.emit("step", ev)
+                "unmasked": [[int(p - P), text(p)] for p in pos[unmasked]],
+                "edited": [[int(p - P), text(p)] for p in pos[edited]],
+                "eos": [int(p - P) for p in pos[unmasked | edited]
+                        if cur[p - start] == info.eos_token_id],
+            })
         self.job.check()   # a cancelled job stops here, between two steps
 
 
