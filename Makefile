@@ -24,11 +24,11 @@ CFLAGS  += -std=c11 -fPIC -Wall -Wextra -Wno-unused-parameter -pthread -D_GNU_SO
            -fvisibility=hidden -Inative/include -Inative/src
 LDLIBS  := -lm -lpthread
 
-C_SRCS  := $(wildcard native/src/*.c native/src/cpu/*.c)
+C_SRCS  := $(wildcard native/src/*.c native/src/moe/*.c native/src/backend/cpu/*.c native/src/backend/sim/*.c)
 C_OBJS  := $(patsubst native/src/%.c,$(BUILD)/%.o,$(C_SRCS))
-CU_SRCS := $(wildcard native/src/cuda/*.cu)
+CU_SRCS := $(wildcard native/src/backend/cuda/*.cu)
 CU_OBJS := $(patsubst native/src/%.cu,$(BUILD)/%.o,$(CU_SRCS))
-HDRS    := $(wildcard native/include/*.h native/src/*.h native/src/cpu/*.h native/src/cuda/*.cuh)
+HDRS    := $(wildcard native/include/*.h native/src/*.h native/src/moe/*.h native/src/backend/*.h native/src/backend/cpu/*.h native/src/backend/cuda/*.cuh)
 
 # Hopper first, then the common datacenter and consumer parts, PTX of the newest for the rest.
 CUDA_ARCHS ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80 \
@@ -121,7 +121,7 @@ FUZZ_SECONDS ?= 600
 fuzz:
 	@mkdir -p $(BUILD)/fuzz/corpus
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Inative/include -Inative/src \
-	    -o $(BUILD)/fuzz/fuzz_gguf native/fuzz/fuzz_gguf.c native/src/gguf.c -lm
+	    -o $(BUILD)/fuzz/fuzz_gguf native/fuzz/fuzz_gguf.c native/src/gguf.c native/src/common.c -lm
 	$(BUILD)/fuzz/fuzz_gguf -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $(BUILD)/fuzz/corpus native/fuzz/seeds
 
 clean:

@@ -10,7 +10,7 @@
  * Working sets are larger than the last-level cache by default so weights come from DRAM, as
  * they do in a forward pass (each weight is read once per forward).
  */
-#include "cpu/kernels.h"
+#include "backend/cpu/kernels.h"
 #include "threadpool.h"
 
 #include <stdio.h>

@@ -1,4 +1,4 @@
-"""The CUDA backend (native/src/cuda/) against the CPU backend and the simulated device.
+"""The CUDA backend (native/src/backend/cuda/) against the CPU backend and the simulated device.
 
 On a machine without a usable GPU every test here is skipped ("no CUDA GPU: <why>") except the
 ones that check exactly that situation: device="cuda" is then a clear error and device="auto"
@@ -79,6 +79,15 @@ def test_cuda_without_gpu_is_a_clear_error(tiny_gguf):
 
 # ---- the ops one by one (bench/gpu/test_ops.cu) ------------------------------------------------
 
+def _c_sources():
+    """Every C source of the library (native/src and its folders; CUDA is .cu)."""
+    return sorted(glob.glob(os.path.join(ROOT, "native", "src", "**", "*.c"), recursive=True))
+
+
+def _cu_sources():
+    return sorted(glob.glob(os.path.join(ROOT, "native", "src", "backend", "cuda", "*.cu")))
+
+
 def _build_emulated_lib(tmp_path):
     """libtide with the CUDA backend compiled against the CPU emulator: device="cuda" then runs
     the real kernels (slowly) on the host."""
@@ -87,15 +96,14 @@ def _build_emulated_lib(tmp_path):
         pytest.skip("no C/C++ compiler")
     inc = ["-I" + os.path.join(ROOT, "native", "include"), "-I" + os.path.join(ROOT, "native", "src")]
     objs = []
-    for i, src in enumerate(sorted(glob.glob(os.path.join(ROOT, "native", "src", "*.c")) +
-                                   glob.glob(os.path.join(ROOT, "native", "src", "cpu", "*.c")))):
+    for i, src in enumerate(_c_sources()):
         o = str(tmp_path / f"c{i}.o")
         cmd = [cc, "-O2", "-std=c11", "-fPIC", "-pthread", "-D_GNU_SOURCE", "-w", "-DTIDE_CUDA=1",
                *inc, "-c", src, "-o", o]
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         objs.append(o)
-    for i, src in enumerate(sorted(glob.glob(os.path.join(ROOT, "native", "src", "cuda", "*.cu")))):
+    for i, src in enumerate(sorted(_cu_sources())):
         o = str(tmp_path / f"cu{i}.o")
         cmd = [cxx, "-O2", "-std=c++17", "-fPIC", "-w", "-DTIDE_CUDA_EMU", "-DTIDE_CUDA=1", "-x", "c++",
                "-I" + os.path.join(ROOT, "bench", "gpu", "emu"), *inc, "-c", src, "-o", o]
@@ -157,7 +165,7 @@ def test_kernels_on_cpu_emulator(tmp_path):
     if not cxx:
         pytest.skip("no C++ compiler")
     exe = str(tmp_path / "test_ops_emu")
-    srcs = sorted(glob.glob(os.path.join(ROOT, "native", "src", "cuda", "*.cu")))
+    srcs = _cu_sources() + [os.path.join(ROOT, "native", "src", "common.c")]
     cmd = [cxx, "-O1", "-std=c++17", "-w", "-DTIDE_CUDA_EMU", "-DTIDE_CUDA=1", "-x", "c++",
            "-I" + os.path.join(ROOT, "bench", "gpu", "emu"),
            "-I" + os.path.join(ROOT, "native", "include"), "-I" + os.path.join(ROOT, "native", "src"),
@@ -177,8 +185,8 @@ def test_backend_ops_against_host_reference(tmp_path):
     if not nvcc:
         pytest.skip("nvcc not found: cannot build bench/gpu/test_ops.cu")
     exe = str(tmp_path / "test_ops")
-    objs = sorted(glob.glob(os.path.join(ROOT, "build", "cuda-on", "cuda", "*.o")))
-    srcs = sorted(glob.glob(os.path.join(ROOT, "native", "src", "cuda", "*.cu")))
+    objs = sorted(glob.glob(os.path.join(ROOT, "build", "cuda-on", "backend", "cuda", "*.o")))
+    srcs = sorted(_cu_sources())
     # reuse the library's objects when make built them (they hold every arch), else compile
     parts = objs if len(objs) == len(srcs) else srcs
     cmd = [nvcc, "-O2", "-std=c++17", "-arch=native", "-DTIDE_CUDA=1",

@@ -30,7 +30,7 @@
 #include <vector>
 
 extern "C" {
-#include "backend.h"
+#include "backend/backend.h"
 }
 
 static int g_fail = 0, g_pass = 0;
@@ -134,13 +134,13 @@ static const char *tname(int t) {
 
 static float *dev_floats(tide_backend *be, const std::vector<float> &h) {
     void *d = nullptr;
-    CHECK_OK(be, be->i->alloc(be, h.size() * 4 + 16, &d));
-    if (!h.empty()) CHECK_OK(be, be->i->upload(be, d, h.data(), h.size() * 4));
+    CHECK_OK(be, be->buf->alloc(be, h.size() * 4 + 16, &d));
+    if (!h.empty()) CHECK_OK(be, be->buf->upload(be, d, h.data(), h.size() * 4));
     return (float *)d;
 }
 static std::vector<float> get_floats(tide_backend *be, const float *d, size_t n) {
     std::vector<float> h(n);
-    CHECK_OK(be, be->i->download(be, h.data(), d, n * 4));
+    CHECK_OK(be, be->buf->download(be, h.data(), d, n * 4));
     return h;
 }
 static std::vector<float> rand_vec(size_t n, float scale = 1.0f) {
@@ -155,13 +155,13 @@ static void test_matmul(tide_backend *be, int type, int64_t rows, int64_t cols, 
     std::vector<uint8_t> enc = encode(type, rows, cols, w, deq);
     void *wd = nullptr;
     int copied = 0;
-    CHECK_OK(be, be->i->upload_weight(be, enc.data(), enc.size(), &wd, &copied));
+    CHECK_OK(be, be->buf->upload_weight(be, enc.data(), enc.size(), &wd, &copied));
     tide_matrix m = {type, rows, cols, enc.size(), wd};
     std::vector<float> x = rand_vec((size_t)n * cols + 1);
     float *xd = dev_floats(be, x);
     const float *xin = xd + (misalign_x ? 1 : 0);
     float *yd = dev_floats(be, std::vector<float>((size_t)n * rows));
-    CHECK_OK(be, be->i->matmul(be, &m, xin, n, yd));
+    CHECK_OK(be, be->ops->matmul(be, &m, xin, n, yd));
     std::vector<float> y = get_floats(be, yd, (size_t)n * rows);
     std::vector<double> ref((size_t)n * rows);
     const float *xh = x.data() + (misalign_x ? 1 : 0);
@@ -176,9 +176,9 @@ static void test_matmul(tide_backend *be, int type, int64_t rows, int64_t cols, 
     snprintf(name, sizeof name, "matmul %s %lldx%lld n=%d%s", tname(type), (long long)rows, (long long)cols, n,
              misalign_x ? " (x misaligned)" : "");
     report(name, e, scale, 1e-5);
-    be->i->dealloc(be, wd);
-    be->i->dealloc(be, xd);
-    be->i->dealloc(be, yd);
+    be->buf->dealloc(be, wd);
+    be->buf->dealloc(be, xd);
+    be->buf->dealloc(be, yd);
 }
 
 static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_tok, int n_used, int n_expert) {
@@ -203,9 +203,9 @@ static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_to
         if (by_e[e].empty()) continue;
         void *gd, *ud, *dd;
         int c;
-        CHECK_OK(be, be->i->upload_weight(be, ge.data(), ge.size(), &gd, &c));
-        CHECK_OK(be, be->i->upload_weight(be, ue.data(), ue.size(), &ud, &c));
-        CHECK_OK(be, be->i->upload_weight(be, de.data(), de.size(), &dd, &c));
+        CHECK_OK(be, be->buf->upload_weight(be, ge.data(), ge.size(), &gd, &c));
+        CHECK_OK(be, be->buf->upload_weight(be, ue.data(), ue.size(), &ud, &c));
+        CHECK_OK(be, be->buf->upload_weight(be, de.data(), de.size(), &dd, &c));
         to_free.push_back(gd); to_free.push_back(ud); to_free.push_back(dd);
         G.push_back({type, n_ff, dim, ge.size(), gd});
         U.push_back({type, n_ff, dim, ue.size(), ud});
@@ -218,7 +218,7 @@ static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_to
     std::vector<float> x = rand_vec((size_t)n_tok * dim);
     float *xd = dev_floats(be, x);
     float *od = dev_floats(be, std::vector<float>((size_t)n_tok * n_used * dim, NAN));
-    CHECK_OK(be, be->i->experts(be, &b, xd, dim, od));
+    CHECK_OK(be, be->ops->experts(be, &b, xd, dim, od));
     std::vector<float> o = get_floats(be, od, (size_t)n_tok * n_used * dim);
     std::vector<double> ref((size_t)n_tok * n_used * dim);
     for (size_t j = 0; j < job_e.size(); j++) {
@@ -246,16 +246,16 @@ static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_to
     snprintf(name, sizeof name, "experts %s dim=%d ff=%d tok=%d used=%d E=%d", tname(type), dim, n_ff, n_tok, n_used,
              n_expert);
     report(name, err, scale, 1e-5);
-    for (void *p : to_free) be->i->dealloc(be, p);
-    be->i->dealloc(be, xd);
-    be->i->dealloc(be, od);
+    for (void *p : to_free) be->buf->dealloc(be, p);
+    be->buf->dealloc(be, xd);
+    be->buf->dealloc(be, od);
 }
 
 static void test_rmsnorm(tide_backend *be, int rows, int dim, bool inplace) {
     auto x = rand_vec((size_t)rows * dim, 3.0f), w = rand_vec(dim);
     float *xd = dev_floats(be, x), *wd = dev_floats(be, w);
     float *yd = inplace ? xd : dev_floats(be, std::vector<float>((size_t)rows * dim));
-    CHECK_OK(be, be->i->rmsnorm(be, xd, wd, rows, dim, 1e-6f, yd));
+    CHECK_OK(be, be->ops->rmsnorm(be, xd, wd, rows, dim, 1e-6f, yd));
     auto y = get_floats(be, yd, (size_t)rows * dim);
     std::vector<double> ref((size_t)rows * dim);
     for (int r = 0; r < rows; r++) {
@@ -268,15 +268,15 @@ static void test_rmsnorm(tide_backend *be, int rows, int dim, bool inplace) {
     char name[96];
     snprintf(name, sizeof name, "rmsnorm rows=%d dim=%d%s", rows, dim, inplace ? " in place" : "");
     report(name, e, scale, 1e-5);
-    be->i->dealloc(be, xd);
-    be->i->dealloc(be, wd);
-    if (!inplace) be->i->dealloc(be, yd);
+    be->buf->dealloc(be, xd);
+    be->buf->dealloc(be, wd);
+    if (!inplace) be->buf->dealloc(be, yd);
 }
 
 static void test_rope(tide_backend *be, int n_tok, int n_head, int hd, int rope_dim, int pos0, int64_t stride) {
     auto x = rand_vec((size_t)n_tok * stride);
     float *xd = dev_floats(be, x);
-    CHECK_OK(be, be->i->rope(be, xd, n_tok, stride, n_head, hd, rope_dim, pos0, 600000.0f));
+    CHECK_OK(be, be->ops->rope(be, xd, n_tok, stride, n_head, hd, rope_dim, pos0, 600000.0f));
     auto y = get_floats(be, xd, x.size());
     std::vector<double> ref(x.begin(), x.end());
     int half = rope_dim / 2;
@@ -295,7 +295,7 @@ static void test_rope(tide_backend *be, int n_tok, int n_head, int hd, int rope_
     char name[96];
     snprintf(name, sizeof name, "rope tok=%d heads=%d hd=%d rot=%d pos0=%d", n_tok, n_head, hd, rope_dim, pos0);
     report(name, e, scale, 1e-5);
-    be->i->dealloc(be, xd);
+    be->buf->dealloc(be, xd);
 }
 
 static void test_attention(tide_backend *be, int n_q, int q_pos0, int n_kv, int B, int nh, int nkv, int hd) {
@@ -304,7 +304,7 @@ static void test_attention(tide_backend *be, int n_q, int q_pos0, int n_kv, int 
          v = rand_vec((size_t)n_kv * s.kv_stride);
     float *qd = dev_floats(be, q), *kd = dev_floats(be, k), *vd = dev_floats(be, v);
     float *od = dev_floats(be, std::vector<float>((size_t)n_q * nh * hd));
-    CHECK_OK(be, be->i->attention(be, &s, qd, kd, vd, od));
+    CHECK_OK(be, be->ops->attention(be, &s, qd, kd, vd, od));
     auto o = get_floats(be, od, (size_t)n_q * nh * hd);
     std::vector<double> ref((size_t)n_q * nh * hd);
     int G = nh / nkv;
@@ -333,10 +333,10 @@ static void test_attention(tide_backend *be, int n_q, int q_pos0, int n_kv, int 
     char name[128];
     snprintf(name, sizeof name, "attention q=%d@%d kv=%d B=%d heads=%d/%d hd=%d", n_q, q_pos0, n_kv, B, nh, nkv, hd);
     report(name, e, scale, 1e-5);
-    be->i->dealloc(be, qd);
-    be->i->dealloc(be, kd);
-    be->i->dealloc(be, vd);
-    be->i->dealloc(be, od);
+    be->buf->dealloc(be, qd);
+    be->buf->dealloc(be, kd);
+    be->buf->dealloc(be, vd);
+    be->buf->dealloc(be, od);
 }
 
 static void test_elementwise(tide_backend *be) {
@@ -344,28 +344,24 @@ static void test_elementwise(tide_backend *be) {
     int64_t n = (int64_t)n_tok * dim;
     auto a = rand_vec(n), b = rand_vec(n);
     float *ad = dev_floats(be, a), *bd = dev_floats(be, b);
-    CHECK_OK(be, be->i->add(be, ad, bd, n));
+    CHECK_OK(be, be->ops->add(be, ad, bd, n));
     auto r = get_floats(be, ad, n);
     std::vector<double> ref(n);
     for (int64_t i = 0; i < n; i++) ref[i] = (double)a[i] + b[i];
     double scale, e = compare(r, ref, &scale);
     report("add", e, scale, 1e-6);
 
-    CHECK_OK(be, be->i->upload(be, ad, a.data(), n * 4));
-    CHECK_OK(be, be->i->silu_mul(be, ad, bd, n));
+    CHECK_OK(be, be->buf->upload(be, ad, a.data(), n * 4));
+    CHECK_OK(be, be->ops->silu_mul(be, ad, bd, n));
     r = get_floats(be, ad, n);
     for (int64_t i = 0; i < n; i++) ref[i] = a[i] / (1 + exp(-(double)a[i])) * b[i];
     e = compare(r, ref, &scale);
     report("silu_mul", e, scale, 1e-6);
 
-    CHECK_OK(be, be->i->copy(be, bd, ad, n));
-    auto c = get_floats(be, bd, n);
-    report("copy", memcmp(c.data(), r.data(), n * 4) ? 1.0 : 0.0, 1, 0);
-
     std::vector<int32_t> rows = {6, 0, 3, 3, 5};
     float *gd = dev_floats(be, std::vector<float>(rows.size() * dim));
-    CHECK_OK(be, be->i->upload(be, ad, a.data(), n * 4));
-    CHECK_OK(be, be->i->gather_rows(be, gd, ad, rows.data(), (int32_t)rows.size(), dim));
+    CHECK_OK(be, be->buf->upload(be, ad, a.data(), n * 4));
+    CHECK_OK(be, be->ops->gather_rows(be, gd, ad, rows.data(), (int32_t)rows.size(), dim));
     auto g = get_floats(be, gd, rows.size() * dim);
     std::vector<double> gref(rows.size() * dim);
     for (size_t i = 0; i < rows.size(); i++)
@@ -375,8 +371,8 @@ static void test_elementwise(tide_backend *be) {
 
     auto pairs = rand_vec((size_t)n_tok * n_used * dim), w = rand_vec((size_t)n_tok * n_used);
     float *pd = dev_floats(be, pairs);
-    CHECK_OK(be, be->i->upload(be, ad, a.data(), n * 4));
-    CHECK_OK(be, be->i->moe_combine(be, pd, w.data(), n_tok, n_used, dim, ad));
+    CHECK_OK(be, be->buf->upload(be, ad, a.data(), n * 4));
+    CHECK_OK(be, be->ops->moe_combine(be, pd, w.data(), n_tok, n_used, dim, ad));
     r = get_floats(be, ad, n);
     for (int t = 0; t < n_tok; t++)
         for (int d = 0; d < dim; d++) {
@@ -386,10 +382,10 @@ static void test_elementwise(tide_backend *be) {
         }
     e = compare(r, ref, &scale);
     report("moe_combine", e, scale, 1e-6);
-    be->i->dealloc(be, ad);
-    be->i->dealloc(be, bd);
-    be->i->dealloc(be, gd);
-    be->i->dealloc(be, pd);
+    be->buf->dealloc(be, ad);
+    be->buf->dealloc(be, bd);
+    be->buf->dealloc(be, gd);
+    be->buf->dealloc(be, pd);
 }
 
 static void test_argmax(tide_backend *be, int n, int n_vocab, bool misalign) {
@@ -403,7 +399,7 @@ static void test_argmax(tide_backend *be, int n, int n_vocab, bool misalign) {
     float *ld = dev_floats(be, l);
     std::vector<int32_t> tok(n);
     std::vector<float> prob(n);
-    CHECK_OK(be, be->i->argmax_prob(be, ld + off, n, n_vocab, tok.data(), prob.data()));
+    CHECK_OK(be, be->ops->argmax_prob(be, ld + off, n, n_vocab, tok.data(), prob.data()));
     int bad = 0;
     double perr = 0;
     for (int r = 0; r < n; r++) {
@@ -420,7 +416,7 @@ static void test_argmax(tide_backend *be, int n, int n_vocab, bool misalign) {
     snprintf(name, sizeof name, "argmax_prob n=%d vocab=%d%s (tokens wrong: %d)", n, n_vocab,
              misalign ? " misaligned" : "", bad);
     report(name, bad ? 1.0 : perr, 1, 1e-5);
-    be->i->dealloc(be, ld);
+    be->buf->dealloc(be, ld);
 }
 
 static void test_transfers(tide_backend *be) {
@@ -429,40 +425,40 @@ static void test_transfers(tide_backend *be) {
     uint8_t *src = (uint8_t *)(((uintptr_t)host.data() + 4095) & ~(uintptr_t)4095);
     for (size_t i = 0; i < n; i++) src[i] = (uint8_t)(i * 2654435761u >> 13);
     void *d1, *d2;
-    CHECK_OK(be, be->i->alloc(be, n, &d1));
-    CHECK_OK(be, be->i->alloc(be, n, &d2));
+    CHECK_OK(be, be->buf->alloc(be, n, &d1));
+    CHECK_OK(be, be->buf->alloc(be, n, &d2));
     /* unregistered: staging path */
-    CHECK_OK(be, be->i->upload_async(be, d1, src, n));
+    CHECK_OK(be, be->buf->upload_async(be, d1, src, n));
     int32_t f1;
-    CHECK_OK(be, be->i->transfer_fence(be, &f1));
+    CHECK_OK(be, be->buf->transfer_fence(be, &f1));
     /* registered: direct path */
-    CHECK_OK(be, be->i->pin_host(be, src, n));
-    CHECK_OK(be, be->i->upload_async(be, d2, src, n));
+    CHECK_OK(be, be->buf->pin_host(be, src, n));
+    CHECK_OK(be, be->buf->upload_async(be, d2, src, n));
     int32_t f2;
-    CHECK_OK(be, be->i->transfer_fence(be, &f2));
-    CHECK_OK(be, be->i->compute_wait_fence(be, f1));
-    CHECK_OK(be, be->i->compute_wait_fence(be, f2));
+    CHECK_OK(be, be->buf->transfer_fence(be, &f2));
+    CHECK_OK(be, be->buf->compute_wait_fence(be, f1));
+    CHECK_OK(be, be->buf->compute_wait_fence(be, f2));
     std::vector<uint8_t> back(n);
-    CHECK_OK(be, be->i->download(be, back.data(), d1, n));
+    CHECK_OK(be, be->buf->download(be, back.data(), d1, n));
     report("upload_async staging + fence", memcmp(back.data(), src, n) ? 1.0 : 0.0, 1, 0);
-    CHECK_OK(be, be->i->download(be, back.data(), d2, n));
+    CHECK_OK(be, be->buf->download(be, back.data(), d2, n));
     report("upload_async registered + fence", memcmp(back.data(), src, n) ? 1.0 : 0.0, 1, 0);
-    CHECK_OK(be, be->i->transfer_sync(be));
-    CHECK_OK(be, be->i->synchronize(be));
-    be->i->dealloc(be, d1);
-    be->i->dealloc(be, d2);
+    CHECK_OK(be, be->buf->transfer_sync(be));
+    CHECK_OK(be, be->ops->synchronize(be));
+    be->buf->dealloc(be, d1);
+    be->buf->dealloc(be, d2);
     /* many small uploads through the arena, interleaved with compute, must all land */
     std::vector<float> vals(1000);
     float *vd = dev_floats(be, std::vector<float>(1000 * 64));
     for (int it = 0; it < 1000; it++) {
         for (int i = 0; i < 64; i++) vals[i] = (float)(it * 64 + i);
-        CHECK_OK(be, be->i->upload(be, vd + it * 64, vals.data(), 64 * 4));
+        CHECK_OK(be, be->buf->upload(be, vd + it * 64, vals.data(), 64 * 4));
     }
     auto all = get_floats(be, vd, 1000 * 64);
     int bad = 0;
     for (int i = 0; i < 64000; i++) bad += all[i] != (float)i;
     report("1000 small uploads (arena ring)", bad, 1, 0);
-    be->i->dealloc(be, vd);
+    be->buf->dealloc(be, vd);
 }
 
 static void test_oom() {
@@ -475,18 +471,18 @@ static void test_oom() {
         return;
     }
     void *p = nullptr;
-    st = be->i->alloc(be, 128ull << 20, &p);
+    st = be->buf->alloc(be, 128ull << 20, &p);
     bool ok = st == TIDE_ERR_DEVICE && strstr(be->err, "device out of memory: needed 128.0 MiB") &&
               strstr(be->err, "free") && strstr(be->err, "budget 64.0 MiB");
     printf("%s oom message: %s\n", ok ? "PASS" : "FAIL", be->err);
     ok ? g_pass++ : g_fail++;
     uint64_t f = 0, t = 0;
-    CHECK_OK(be, be->i->mem_free(be, &f, &t));
+    CHECK_OK(be, be->dev->mem_free(be, &f, &t));
     ok = t == (64ull << 20) && f < t;
     printf("%s mem_free within budget: free %llu total %llu\n", ok ? "PASS" : "FAIL", (unsigned long long)f,
            (unsigned long long)t);
     ok ? g_pass++ : g_fail++;
-    be->i->free(be);
+    be->dev->free(be);
 }
 
 int main(int argc, char **argv) {
@@ -539,8 +535,8 @@ int main(int argc, char **argv) {
     test_argmax(be, 3, 1001, true);
     test_argmax(be, 1, 5, false);
     test_transfers(be);
-    CHECK_OK(be, be->i->synchronize(be));
-    be->i->free(be);
+    CHECK_OK(be, be->ops->synchronize(be));
+    be->dev->free(be);
     test_oom();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;

@@ -3,22 +3,9 @@
  * computes with it, so the forward pass can trust what it reads. */
 #include "model.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-tide_status tide_errf(char *err, size_t err_len, tide_status st, const char *fmt, ...) {
-    if (err && err_len) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_len, fmt, ap);
-        va_end(ap);
-    }
-    return st;
-}
-
-int tide_abi_version(void) { return TIDE_ABI_VERSION; }
 
 /* ---- hyperparameters ------------------------------------------------------------------------ */
 
@@ -203,7 +190,7 @@ static tide_matrix row_range(tide_matrix m, int64_t r0, int64_t n) {
     return s;
 }
 
-static void model_free(tide_model *m) {
+void tide_model_close(tide_model *m) {
     if (!m) return;
     if (m->w.layers) {
         for (int32_t il = 0; il < m->hp.n_layer; il++) {
@@ -389,26 +376,6 @@ tide_status tide_model_open(const char *path, tide_model **out, char *err, size_
     *out = m;
     return TIDE_OK;
 fail:
-    model_free(m);
+    tide_model_close(m);
     return st;
-}
-
-tide_status tide_model_load(const char *path, tide_model **out, char *err, size_t err_len) {
-    if (err && err_len) err[0] = 0;
-    if (!out) return tide_errf(err, err_len, TIDE_ERR_ARG, "out is NULL");
-    return tide_model_open(path, out, err, err_len);
-}
-
-void tide_model_free(tide_model *model) { model_free(model); }
-
-void tide_model_hparams(const tide_model *model, tide_hparams *out) {
-    if (model && out) *out = model->hp;
-}
-
-tide_status tide_model_meta_string(const tide_model *model, const char *key, const char **out,
-                                   size_t *len) {
-    if (!model || !key || !out || !len) return TIDE_ERR_ARG;
-    if (gguf_find_key(model->gguf, key) < 0) return TIDE_ERR_ARG;
-    if (gguf_get_str(model->gguf, key, out, len, NULL, 0) != TIDE_OK) return TIDE_ERR_ARG;
-    return TIDE_OK;
 }

@@ -5,7 +5,7 @@
  *   cc -O2 -std=c11 -D_GNU_SOURCE -pthread -Inative/include -Inative/src \
  *      native/tests/test_kernels.c native/src/threadpool.c native/src/cpu/[a-z]*.c -lm -o /tmp/tk
  */
-#include "cpu/kernels.h"
+#include "backend/cpu/kernels.h"
 #include "threadpool.h"
 
 #include <math.h>

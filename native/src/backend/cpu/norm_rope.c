@@ -1,5 +1,5 @@
 /* norm_rope.c: RMSNorm, per-head RMSNorm, NeoX RoPE and the elementwise ops. */
-#include "cpu/cpu_internal.h"
+#include "backend/cpu/cpu_internal.h"
 
 #include <math.h>
 
