@@ -110,7 +110,6 @@ class Model:
         self._ctx = cp
         self._policy = policy if device != "cpu" else "cpu"
         self._refresh_interval = interval
-        self._budgets = self._budget_list(budget, budgets)
         self._trace_on = bool(trace)
         self.device_memory = int(device_memory) if device_memory else None
         self.prefetch_experts = int(prefetch_experts)
@@ -149,15 +148,6 @@ class Model:
             budgets = np.ascontiguousarray(lst, dtype=np.int32)
         native = _lib.POLICIES["tide" if policy == "auto" else policy]
         return native, budget, budgets, int(refresh_interval)
-
-    def _budget_list(self, budget, budgets):
-        E = self.hparams["n_expert"]
-        if self._policy == "gpu":
-            return [E] * self.n_moe_layers
-        if self._policy == "cpu":
-            return [0] * self.n_moe_layers
-        src = list(budgets) if budgets is not None else [budget] * self.n_moe_layers
-        return [min(int(b), E) for b in src]
 
     def _check_open(self):
         if self._ctx is None:
@@ -297,7 +287,6 @@ class Model:
         if self.device != "cpu":
             self._policy = policy
         self._refresh_interval = interval
-        self._budgets = self._budget_list(budget, budgets)
 
     def set_popularity(self, counts):
         """Popularity profile for `static`: counts [n_moe_layers, n_expert]."""
@@ -343,7 +332,7 @@ class Model:
         out["per_layer"] = per
         out["policy"] = self._policy
         out["refresh_interval"] = self._refresh_interval
-        out["budgets"] = list(self._budgets)
+        out["budgets"] = [d["budget"] for d in per]  # the core's budget rule, not a copy
         out["device"] = self.device
         return out
 

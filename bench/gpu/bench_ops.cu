@@ -3,7 +3,8 @@
  * the weight bytes per second against the H200's 4.8 TB/s.
  *
  *   nvcc -O2 -std=c++17 -arch=sm_90 -Inative/include -Inative/src -DTIDE_CUDA=1
- *        bench/gpu/bench_ops.cu build/cuda/[every .o] -o build/bench_ops && build/bench_ops
+ *        bench/gpu/bench_ops.cu build/cuda-on/backend/cuda/*.o build/cuda-on/common.o \
+ *        -o build/bench_ops && build/bench_ops
  */
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,21 +1,23 @@
-/* test_ops.cu: every op of the CUDA backend against a plain host reference, through the
- * tide_backend_i table only (no model, no forward pass), so a kernel bug shows up here and not as
- * a wrong token three layers later. Needs a GPU; built and run by tests/test_cuda.py and
- * bench/gpu/run_h200.sh:
+/* test_backend_ops.cu: every op of a backend against a plain host reference, through the
+ * backend tables of backend.h only (no model, no forward pass), so a kernel bug shows up here and
+ * not as a wrong token three layers later (llama.cpp's test-backend-ops, for tide's ops). One
+ * source, four builds, all run by `make test-native`:
  *
- *   nvcc -O2 -std=c++17 -arch=native -Inative/include -Inative/src -DTIDE_CUDA=1
- *        bench/gpu/test_ops.cu native/src/cuda/[every .cu] -o build/test_ops && build/test_ops
+ *   cpu, sim   C++ over the C backends:        test_backend_ops cpu | sim
+ *   emulated   the CUDA sources compiled as C++ against native/tests/emu/emu_cuda.h
+ *              (-DTIDE_CUDA_EMU: threads as fibers, device memory = host memory), on any
+ *              machine:                        test_backend_ops_emu cuda --quick
+ *   cuda       nvcc, a real GPU; without one it prints SKIP and why, exit 77
  *
- * The same file runs without a GPU on the CPU emulator (bench/gpu/emu/emu_cuda.h; -DTIDE_CUDA_EMU,
- * compiled as C++; tests/test_cuda.py::test_kernels_on_cpu_emulator). `--quick`: small shapes.
+ * `--quick`: small shapes only (the emulator switches fibers at every shuffle).
  *
  * Tolerance: results are compared with a double-precision reference over the same (dequantized)
- * weights; |gpu - ref| <= 1e-4 * max|ref| + 1e-6 for products and attention (f32 accumulation in
+ * weights; |got - ref| <= 1e-4 * max|ref| + 1e-6 for products and attention (f32 accumulation in
  * another order), tighter for element-wise ops. Exit status 0 when everything passes.
  */
-#ifdef TIDE_CUDA_EMU
+#if defined(TIDE_CUDA_EMU)
 #include "emu_cuda.h"
-#else
+#elif defined(TIDE_CUDA)
 #include <cuda_fp16.h>
 #endif
 #include <math.h>
@@ -31,6 +33,8 @@
 
 extern "C" {
 #include "backend/backend.h"
+#include "backend/cpu/kernels.h"
+#include "threadpool.h"
 }
 
 static int g_fail = 0, g_pass = 0;
@@ -78,15 +82,9 @@ static float from_bf16(uint16_t h) {
     memcpy(&f, &u, 4);
     return f;
 }
-static uint16_t to_f16(float f) {
-    __half_raw r = __float2half(f);
-    return r.x;
-}
-static float from_f16(uint16_t u) {
-    __half_raw r;
-    r.x = u;
-    return __half2float(__half(r));
-}
+/* f16 by the core's exact conversions (round to nearest even), as the converter writes it. */
+static uint16_t to_f16(float f) { return tide_f32_to_f16(f); }
+static float from_f16(uint16_t u) { return tide_f16_to_f32(u); }
 
 /* Encode rows x cols values in `type`; `deq` receives what the kernels must see. */
 static std::vector<uint8_t> encode(int type, int64_t rows, int64_t cols, const std::vector<float> &v,
@@ -138,6 +136,13 @@ static float *dev_floats(tide_backend *be, const std::vector<float> &h) {
     if (!h.empty()) CHECK_OK(be, be->buf->upload(be, d, h.data(), h.size() * 4));
     return (float *)d;
 }
+/* Bytes in the backend's own memory (weights: upload_weight may keep the host pointer). */
+static void *dev_bytes(tide_backend *be, const std::vector<uint8_t> &h) {
+    void *d = nullptr;
+    CHECK_OK(be, be->buf->alloc(be, h.size(), &d));
+    CHECK_OK(be, be->buf->upload(be, d, h.data(), h.size()));
+    return d;
+}
 static std::vector<float> get_floats(tide_backend *be, const float *d, size_t n) {
     std::vector<float> h(n);
     CHECK_OK(be, be->buf->download(be, h.data(), d, n * 4));
@@ -153,9 +158,7 @@ static std::vector<float> rand_vec(size_t n, float scale = 1.0f) {
 static void test_matmul(tide_backend *be, int type, int64_t rows, int64_t cols, int n, bool misalign_x) {
     std::vector<float> w = rand_vec(rows * cols), deq;
     std::vector<uint8_t> enc = encode(type, rows, cols, w, deq);
-    void *wd = nullptr;
-    int copied = 0;
-    CHECK_OK(be, be->buf->upload_weight(be, enc.data(), enc.size(), &wd, &copied));
+    void *wd = dev_bytes(be, enc);
     tide_matrix m = {type, rows, cols, enc.size(), wd};
     std::vector<float> x = rand_vec((size_t)n * cols + 1);
     float *xd = dev_floats(be, x);
@@ -201,11 +204,7 @@ static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_to
         auto ue = encode(type, n_ff, dim, uw, deq_u[e]);
         auto de = encode(type, dim, n_ff, dw, deq_d[e]);
         if (by_e[e].empty()) continue;
-        void *gd, *ud, *dd;
-        int c;
-        CHECK_OK(be, be->buf->upload_weight(be, ge.data(), ge.size(), &gd, &c));
-        CHECK_OK(be, be->buf->upload_weight(be, ue.data(), ue.size(), &ud, &c));
-        CHECK_OK(be, be->buf->upload_weight(be, de.data(), de.size(), &dd, &c));
+        void *gd = dev_bytes(be, ge), *ud = dev_bytes(be, ue), *dd = dev_bytes(be, de);
         to_free.push_back(gd); to_free.push_back(ud); to_free.push_back(dd);
         G.push_back({type, n_ff, dim, ge.size(), gd});
         U.push_back({type, n_ff, dim, ue.size(), ud});
@@ -294,7 +293,9 @@ static void test_rope(tide_backend *be, int n_tok, int n_head, int hd, int rope_
     double scale, e = compare(y, ref, &scale);
     char name[96];
     snprintf(name, sizeof name, "rope tok=%d heads=%d hd=%d rot=%d pos0=%d", n_tok, n_head, hd, rope_dim, pos0);
-    report(name, e, scale, 1e-5);
+    /* the angle pos * inv_freq is an f32: an ulp of inv_freq (powf differs by one between
+     * libraries) moves it by pos * 2^-24 relative, which grows with the position */
+    report(name, e, scale, 1e-5 + (pos0 + n_tok) * 6e-8);
     be->buf->dealloc(be, xd);
 }
 
@@ -415,7 +416,8 @@ static void test_argmax(tide_backend *be, int n, int n_vocab, bool misalign) {
     char name[96];
     snprintf(name, sizeof name, "argmax_prob n=%d vocab=%d%s (tokens wrong: %d)", n, n_vocab,
              misalign ? " misaligned" : "", bad);
-    report(name, bad ? 1.0 : perr, 1, 1e-5);
+    /* host softmax: a vector exp within 2 ulp per term, summed over up to 157184 terms */
+    report(name, bad ? 1.0 : perr, 1, 5e-5);
     be->buf->dealloc(be, ld);
 }
 
@@ -461,7 +463,8 @@ static void test_transfers(tide_backend *be) {
     be->buf->dealloc(be, vd);
 }
 
-static void test_oom() {
+#ifdef TIDE_CUDA
+static void test_cuda_oom() {
     char err[256];
     tide_backend *be = nullptr;
     tide_status st = tide_backend_cuda_new(0, 64ull << 20, &be, err, sizeof err);
@@ -484,20 +487,64 @@ static void test_oom() {
     ok ? g_pass++ : g_fail++;
     be->dev->free(be);
 }
+#endif
+
+/* The simulated device runs out of memory with a message that names the numbers. */
+static void test_sim_oom(tide_pool *pool) {
+    tide_backend *be = nullptr;
+    if (tide_backend_sim_new(pool, 64ull << 20, &be) != TIDE_OK) {
+        printf("FAIL oom: sim backend with 64 MiB\n");
+        g_fail++;
+        return;
+    }
+    void *p = nullptr;
+    tide_status st = be->buf->alloc(be, 128ull << 20, &p);
+    bool ok = st == TIDE_ERR_DEVICE && strstr(be->err, "simulated device out of memory") &&
+              strstr(be->err, "67108864");
+    printf("%s oom message: %s\n", ok ? "PASS" : "FAIL", be->err);
+    ok ? g_pass++ : g_fail++;
+    be->dev->free(be);
+}
+
+static int usage() {
+    printf("usage: test_backend_ops cpu|sim|cuda [--quick]\n");
+    return 2;
+}
 
 int main(int argc, char **argv) {
+    if (argc < 2) return usage();
+    const char *name = argv[1];
     /* --quick: small shapes only (the CPU emulator in CI switches fibers at every shuffle) */
-    const bool quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    const bool quick = argc > 2 && strcmp(argv[2], "--quick") == 0;
     char err[256];
-    if (!tide_backend_cuda_available(err, sizeof err)) {
-        printf("SKIP no CUDA GPU: %s\n", err);
-        return 77;
-    }
     tide_backend *be = nullptr;
-    if (tide_backend_cuda_new(0, 0, &be, err, sizeof err) != TIDE_OK) {
-        printf("FAIL tide_backend_cuda_new: %s\n", err);
-        return 1;
+    tide_pool *pool = nullptr;
+    if (strcmp(name, "cuda") == 0) {
+#ifdef TIDE_CUDA
+        if (!tide_backend_cuda_available(err, sizeof err)) {
+            printf("SKIP no CUDA GPU: %s\n", err);
+            return 77;
+        }
+        if (tide_backend_cuda_new(0, 0, &be, err, sizeof err) != TIDE_OK) {
+            printf("FAIL tide_backend_cuda_new: %s\n", err);
+            return 1;
+        }
+#else
+        printf("SKIP this build has no CUDA backend\n");
+        return 77;
+#endif
+    } else if (strcmp(name, "cpu") == 0 || strcmp(name, "sim") == 0) {
+        if (tide_pool_new(2, &pool) != TIDE_OK) return 1;
+        tide_status st = name[0] == 'c' ? tide_backend_cpu_new(pool, &be)
+                                        : tide_backend_sim_new(pool, 0, &be);
+        if (st != TIDE_OK) {
+            printf("FAIL creating the %s backend\n", name);
+            return 1;
+        }
+    } else {
+        return usage();
     }
+    printf("backend %s%s\n", be->dev->name, quick ? " (quick)" : "");
     const int types[4] = {TIDE_TYPE_F32, TIDE_TYPE_F16, TIDE_TYPE_BF16, TIDE_TYPE_Q8_0};
 #ifdef TIDE_CUDA_EMU
     const int big_rows = 300, big_cols = 512, tall_rows = 2000;
@@ -537,7 +584,11 @@ int main(int argc, char **argv) {
     test_transfers(be);
     CHECK_OK(be, be->ops->synchronize(be));
     be->dev->free(be);
-    test_oom();
+#ifdef TIDE_CUDA
+    if (strcmp(name, "cuda") == 0) test_cuda_oom();
+#endif
+    if (strcmp(name, "sim") == 0) test_sim_oom(pool);
+    tide_pool_free(pool);
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
 }
