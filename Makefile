@@ -124,7 +124,8 @@ $(BUILD)/tests/test_backend_ops_emu: $(OPS_TEST) $(CU_SRCS) $(HOST_BACKEND_OBJS)
 $(BUILD)/tests/test_backend_ops_cuda: $(OPS_TEST) $(CU_OBJS) $(HOST_BACKEND_OBJS) $(HDRS)
 	@mkdir -p $(dir $@)
 	$(NVCC) -O2 -std=c++17 -DTIDE_CUDA=1 -Inative/include -Inative/src $(CUDA_ARCHS) \
-	    -x cu $(OPS_TEST) $(CU_OBJS) $(HOST_BACKEND_OBJS) -o $@
+	    -x cu -c $(OPS_TEST) -o $@.o
+	$(NVCC) $(CUDA_ARCHS) $@.o $(CU_OBJS) $(HOST_BACKEND_OBJS) -o $@
 
 OPS_TESTS := $(BUILD)/tests/test_backend_ops $(BUILD)/tests/test_backend_ops_emu \
              $(if $(filter 1,$(CUDA)),$(BUILD)/tests/test_backend_ops_cuda)

@@ -189,7 +189,6 @@ static tide_status make_slots(tide_context *ctx) {
         free_slots(ctx, M);
         int32_t b = residency_budget(&ctx->res, i);
         const tide_layer_weights *L = &m->w.layers[layer_index(ctx, i)];
-        M->st.budget = b;
         if (b <= 0) continue;
         M->slot_bytes = slot_bytes_of(L);
         TRY(alloc_views(ctx, L, M->slot_bytes, b, &M->slot_mem, &M->slot_gate, &M->slot_up,

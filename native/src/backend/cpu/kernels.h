@@ -101,7 +101,6 @@ tide_status cpu_attention(tide_pool *pool, const tide_attn_shape *s, const float
 /* ---- elementwise (norm_rope.c) -------------------------------------------------------------- */
 void cpu_add(tide_pool *pool, float *y, const float *x, int64_t n);        /* y += x */
 void cpu_silu_mul(tide_pool *pool, float *g, const float *u, int64_t n);   /* g = g/(1+e^-g) * u */
-void cpu_copy(tide_pool *pool, float *dst, const float *src, int64_t n);   /* memmove */
 /* dst[i] = src[rows[i]], rows of dim floats */
 void cpu_gather_rows(tide_pool *pool, float *dst, const float *src, const int32_t *rows,
                      int32_t n_rows, int32_t dim);
