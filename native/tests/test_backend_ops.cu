@@ -250,6 +250,34 @@ static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_to
     be->buf->dealloc(be, od);
 }
 
+/* The row rule of backend.h holds on every backend: a q8_0 row that is not a whole number of
+ * 32-value blocks has no layout, and matmul and experts refuse it. */
+static void test_q8_0_partial_rows(tide_backend *be) {
+    const int64_t rows = 4, cols = 48;
+    std::vector<uint8_t> raw((size_t)rows * 34 * 2);
+    void *wd = dev_bytes(be, raw);
+    tide_matrix m = {TIDE_TYPE_Q8_0, rows, cols, raw.size(), wd};
+    float *xd = dev_floats(be, rand_vec((size_t)cols)), *yd = dev_floats(be, rand_vec((size_t)rows));
+    tide_status st = be->ops->matmul(be, &m, xd, 1, yd);
+    printf("%s matmul refuses q8_0 rows of %lld values: %s\n", st != TIDE_OK ? "PASS" : "FAIL",
+           (long long)cols, be->err);
+    st != TIDE_OK ? g_pass++ : g_fail++;
+    tide_matrix down = {TIDE_TYPE_Q8_0, cols, rows * 8, raw.size(), wd};
+    tide_matrix gate = {TIDE_TYPE_Q8_0, rows * 8, cols, raw.size(), wd};
+    int32_t start[2] = {0, 1}, tok[1] = {0}, dest[1] = {0};
+    tide_expert_batch b = {1, &gate, &gate, &down, start, tok, dest};
+    float *od = dev_floats(be, rand_vec((size_t)cols));
+    st = be->ops->experts(be, &b, xd, (int32_t)cols, od);
+    printf("%s experts refuse q8_0 rows of %lld values: %s\n", st != TIDE_OK ? "PASS" : "FAIL",
+           (long long)cols, be->err);
+    st != TIDE_OK ? g_pass++ : g_fail++;
+    be->ops->synchronize(be);
+    be->buf->dealloc(be, wd);
+    be->buf->dealloc(be, xd);
+    be->buf->dealloc(be, yd);
+    be->buf->dealloc(be, od);
+}
+
 static void test_rmsnorm(tide_backend *be, int rows, int dim, bool inplace) {
     auto x = rand_vec((size_t)rows * dim, 3.0f), w = rand_vec(dim);
     float *xd = dev_floats(be, x), *wd = dev_floats(be, w);
@@ -564,6 +592,7 @@ int main(int argc, char **argv) {
         test_experts(be, t, 64, 32, 3, 2, 4);
         test_experts(be, t, 128, 64, 6, 4, 9);
     }
+    test_q8_0_partial_rows(be);
     test_rmsnorm(be, quick ? 4 : 32, 2048, false);
     test_rmsnorm(be, quick ? 16 : 512, 128, true);
     test_rmsnorm(be, 3, 50, false);

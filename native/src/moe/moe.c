@@ -15,8 +15,8 @@
 typedef struct {
     tide_context *ctx;
     int32_t ml, il;                 /* MoE layer, layer */
-    const tide_layer_weights *L;    /* device weights */
-    const tide_layer_weights *Lh;   /* host views (experts) */
+    const tide_layer_weights *weights;      /* where the backend reads them */
+    const tide_layer_weights *host_weights; /* the mapping's views (routed experts) */
     tide_moe_layer *M;
     int32_t n;                      /* tokens */
     const float *xb;                /* normed input [n, H], device */
@@ -34,12 +34,12 @@ static tide_status route(moe_pass *f) {
     tide_backend *be = ctx->be;
     const int32_t E = hp->n_expert, K = hp->n_expert_used;
     double t0 = tide_now();
-    TRY(be_check(ctx, be->ops->matmul(be, &f->L->router, f->xb, f->n, r->router_logits), "router"));
+    TRY(be_check(ctx, be->ops->matmul(be, &f->weights->router, f->xb, f->n, r->router_logits), "router"));
     TRY(be_check(ctx, be->buf->download(be, r->host_router, r->router_logits,
                                       (size_t)f->n * E * sizeof(float)),
                  "router download"));
     for (int32_t t = 0; t < f->n; t++)
-        moe_route(hp, r->host_router + (size_t)t * E, f->Lh->router_bias,
+        moe_route(hp, r->host_router + (size_t)t * E, f->host_weights->router_bias,
                   r->host_ids + (size_t)t * K, r->host_w + (size_t)t * K);
     memset(f->M->hits, 0, (size_t)E * sizeof(int32_t));
     for (int32_t p = 0; p < f->n * K; p++) f->M->hits[r->host_ids[p]]++;
@@ -111,9 +111,9 @@ static tide_status group_pairs(moe_pass *f) {
     w->pair_start_dev[p->n_device] = pd;
     for (int32_t j = 0; j < p->n_host; j++) {
         int32_t e = p->host[j];
-        w->gate_host[j] = f->Lh->exp_gate[e];
-        w->up_host[j] = f->Lh->exp_up[e];
-        w->down_host[j] = f->Lh->exp_down[e];
+        w->gate_host[j] = f->host_weights->exp_gate[e];
+        w->up_host[j] = f->host_weights->exp_up[e];
+        w->down_host[j] = f->host_weights->exp_down[e];
         w->pair_start_host[j] = ph;
         w->cursor[e] = ph;
         ph += f->M->hits[e];
@@ -195,10 +195,10 @@ static tide_status shared_experts(moe_pass *f, float *out, float **acc) {
     *acc = out;
     if (hp->n_expert_shared == 0) return TIDE_OK;
     const int64_t fs = (int64_t)hp->n_ff_exp * hp->n_expert_shared;
-    TRY(be_check(ctx, be->ops->matmul(be, &f->L->shexp_gate, f->xb, f->n, r->hb), "shared gate"));
-    TRY(be_check(ctx, be->ops->matmul(be, &f->L->shexp_up, f->xb, f->n, r->hb2), "shared up"));
+    TRY(be_check(ctx, be->ops->matmul(be, &f->weights->shexp_gate, f->xb, f->n, r->hb), "shared gate"));
+    TRY(be_check(ctx, be->ops->matmul(be, &f->weights->shexp_up, f->xb, f->n, r->hb2), "shared up"));
     TRY(be_check(ctx, be->ops->silu_mul(be, r->hb, r->hb2, (int64_t)f->n * fs), "shared silu"));
-    TRY(be_check(ctx, be->ops->matmul(be, &f->L->shexp_down, r->hb, f->n, r->xb2), "shared down"));
+    TRY(be_check(ctx, be->ops->matmul(be, &f->weights->shexp_down, r->hb, f->n, r->xb2), "shared down"));
     *acc = r->xb2;
     return TIDE_OK;
 }
