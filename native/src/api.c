@@ -56,26 +56,21 @@ int tide_cuda_available(char *err, size_t err_len) {
 
 const char *tide_context_error(const tide_context *ctx) { return ctx ? ctx->err : ""; }
 
+/* The public contract on residency settings: what residency_check_args checks, plus one budget
+ * per MoE layer when budgets are given, a non-negative shared budget otherwise, and an interval
+ * >= 1 under every policy (a later switch to tide keeps it). */
 static tide_status check_residency_args(int32_t n_moe, int32_t policy, int32_t budget,
                                         const int32_t *budgets, int32_t n_budgets,
                                         int32_t refresh_interval, char *err, size_t err_len) {
-    if (policy < TIDE_POLICY_GPU || policy > TIDE_POLICY_TIDE)
-        return tide_errf(err, err_len, TIDE_ERR_ARG, "policy: unknown policy %d", policy);
+    if (budgets && n_budgets != n_moe)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "budgets: %d entries for %d MoE layers",
+                         n_budgets, n_moe);
+    if (!budgets && budget < 0)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "budget: %d is negative", budget);
     if (refresh_interval < 1)
         return tide_errf(err, err_len, TIDE_ERR_ARG, "refresh_interval: %d, must be >= 1",
                          refresh_interval);
-    if (budgets) {
-        if (n_budgets != n_moe)
-            return tide_errf(err, err_len, TIDE_ERR_ARG,
-                             "budgets: %d entries, the model has %d MoE layers", n_budgets, n_moe);
-        for (int32_t i = 0; i < n_budgets; i++)
-            if (budgets[i] < 0)
-                return tide_errf(err, err_len, TIDE_ERR_ARG, "budgets[%d]: %d is negative", i,
-                                 budgets[i]);
-    } else if (budget < 0) {
-        return tide_errf(err, err_len, TIDE_ERR_ARG, "budget: %d is negative", budget);
-    }
-    return TIDE_OK;
+    return residency_check_args(n_moe, policy, budgets, refresh_interval, err, err_len);
 }
 
 tide_status tide_context_create(const tide_model *model, const tide_context_params *params,
@@ -303,14 +298,6 @@ tide_status tide_last_hits(const tide_context *ctx, int32_t *out, size_t n) {
 
 /* ---- the residency state machine ------------------------------------------------------------- */
 
-static tide_status check_budget_count(int32_t n_layers, const int32_t *budgets, int32_t n_budgets,
-                                      char *err, size_t err_len) {
-    if (budgets && n_budgets != n_layers)
-        return tide_errf(err, err_len, TIDE_ERR_ARG, "budgets: %d entries for %d MoE layers",
-                         n_budgets, n_layers);
-    return TIDE_OK;
-}
-
 tide_status tide_residency_new(int32_t n_layers, int32_t n_expert, int32_t policy,
                                const int32_t *budgets, int32_t n_budgets,
                                int32_t refresh_interval, uint64_t expert_bytes,
@@ -318,7 +305,6 @@ tide_status tide_residency_new(int32_t n_layers, int32_t n_expert, int32_t polic
     if (err && err_len) err[0] = 0;
     if (!out) return tide_errf(err, err_len, TIDE_ERR_ARG, "out is NULL");
     *out = NULL;
-    TRY(check_budget_count(n_layers, budgets, n_budgets, err, err_len));
     TRY(check_residency_args(n_layers, policy, 0, budgets, n_budgets, refresh_interval, err,
                              err_len));
     tide_residency *r = calloc(1, sizeof *r);
@@ -345,7 +331,6 @@ const char *tide_residency_error(const tide_residency *r) { return r ? residency
 tide_status tide_residency_set_policy(tide_residency *r, int32_t policy, const int32_t *budgets,
                                       int32_t n_budgets, int32_t refresh_interval) {
     if (!r) return TIDE_ERR_ARG;
-    TRY(check_budget_count(r->n_layers, budgets, n_budgets, r->err, sizeof r->err));
     TRY(check_residency_args(r->n_layers, policy, 0, budgets, n_budgets, refresh_interval, r->err,
                              sizeof r->err));
     return residency_set_policy(r, policy, budgets, refresh_interval);

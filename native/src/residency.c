@@ -109,18 +109,24 @@ static void res_promote_profile(tide_residency *r, int32_t l) {
 
 /* ---- setup --------------------------------------------------------------------------------- */
 
+tide_status residency_check_args(int32_t n_layers, int32_t policy, const int32_t *budgets,
+                                 int32_t refresh_interval, char *err, size_t err_len) {
+    if (policy < TIDE_POLICY_GPU || policy > TIDE_POLICY_TIDE)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "residency: unknown policy %d", policy);
+    if (policy == TIDE_POLICY_TIDE && refresh_interval < 1)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "residency: refresh_interval %d, must be >= 1",
+                         refresh_interval);
+    for (int32_t l = 0; budgets && l < n_layers; l++)
+        if (budgets[l] < 0)
+            return tide_errf(err, err_len, TIDE_ERR_ARG, "residency: budgets[%d] = %d is negative",
+                             l, budgets[l]);
+    return TIDE_OK;
+}
+
 static tide_status res_check_policy(tide_residency *r, int32_t policy, const int32_t *budgets,
                                     int32_t refresh_interval) {
-    if (policy < TIDE_POLICY_GPU || policy > TIDE_POLICY_TIDE)
-        return tide_errf(r->err, sizeof r->err, TIDE_ERR_ARG, "residency: unknown policy %d", policy);
-    if (policy == TIDE_POLICY_TIDE && refresh_interval < 1)
-        return tide_errf(r->err, sizeof r->err, TIDE_ERR_ARG, "residency: refresh_interval %d, must be >= 1",
-                        refresh_interval);
-    for (int32_t l = 0; budgets && l < r->n_layers; l++)
-        if (budgets[l] < 0)
-            return tide_errf(r->err, sizeof r->err, TIDE_ERR_ARG, "residency: budgets[%d] = %d is negative",
-                            l, budgets[l]);
-    return TIDE_OK;
+    return residency_check_args(r->n_layers, policy, budgets, refresh_interval, r->err,
+                                sizeof r->err);
 }
 
 int32_t residency_clamp_budget(int32_t policy, int32_t budget, int32_t n_expert) {

@@ -121,6 +121,12 @@ struct tide_residency { /* typedef in tide.h */
  * change nothing). */
 int32_t residency_clamp_budget(int32_t policy, int32_t budget, int32_t n_expert);
 
+/* The one check of residency settings: a known policy, budgets[n_layers] (may be NULL) >= 0,
+ * and refresh_interval >= 1 under `tide` (the only policy that reads it). TIDE_ERR_ARG with the
+ * cause in err. */
+tide_status residency_check_args(int32_t n_layers, int32_t policy, const int32_t *budgets,
+                                 int32_t refresh_interval, char *err, size_t err_len);
+
 /* Set up n_layers MoE layers of n_expert experts under `policy` with budgets[n_layers] requested
  * slots (NULL: 0 each), clamped by residency_clamp_budget. refresh_interval must be >= 1 for
  * `tide` (ignored otherwise). gpu promotes every expert here (counted; pending uploads).
