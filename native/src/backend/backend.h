@@ -176,6 +176,13 @@ struct tide_backend {
 extern const tide_backend_ops_i tide_cpu_ops;
 /* Host RAM available and total (cpu/sim free memory). */
 tide_status tide_host_mem(uint64_t *free_bytes, uint64_t *total_bytes);
+/* The transfers of host memory, complete when they return (cpu; sim around its allocator):
+ * memcpy, fences that are already passed, nothing to wait for or pin. */
+tide_status tide_host_copy(tide_backend *be, void *dst, const void *src, size_t n);
+tide_status tide_host_fence(tide_backend *be, int32_t *fence);
+tide_status tide_host_wait_fence(tide_backend *be, int32_t fence);
+tide_status tide_host_nop(tide_backend *be);
+tide_status tide_host_pin(tide_backend *be, void *ptr, size_t n);
 
 /* Constructors. The cpu kernels run on `pool` (the context's). */
 tide_status tide_backend_cpu_new(struct tide_pool *pool, tide_backend **out);

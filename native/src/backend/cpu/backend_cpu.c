@@ -28,7 +28,7 @@ static tide_status cpu_alloc(tide_backend *be, size_t n, void **ptr) {
 
 static void cpu_dealloc(tide_backend *be, void *ptr) { free(ptr); }
 
-static tide_status host_copy(tide_backend *be, void *dst, const void *src, size_t n) {
+tide_status tide_host_copy(tide_backend *be, void *dst, const void *src, size_t n) {
     if (n) memcpy(dst, src, n);
     return TIDE_OK;
 }
@@ -40,13 +40,13 @@ static tide_status cpu_upload_weight(tide_backend *be, const void *src, size_t n
     return TIDE_OK;
 }
 
-static tide_status host_fence(tide_backend *be, int32_t *fence) {
+tide_status tide_host_fence(tide_backend *be, int32_t *fence) {
     *fence = 0;
     return TIDE_OK;
 }
-static tide_status host_wait_fence(tide_backend *be, int32_t fence) { return TIDE_OK; }
-static tide_status host_nop(tide_backend *be) { return TIDE_OK; }
-static tide_status host_pin(tide_backend *be, void *ptr, size_t n) { return TIDE_OK; }
+tide_status tide_host_wait_fence(tide_backend *be, int32_t fence) { return TIDE_OK; }
+tide_status tide_host_nop(tide_backend *be) { return TIDE_OK; }
+tide_status tide_host_pin(tide_backend *be, void *ptr, size_t n) { return TIDE_OK; }
 
 /* Host RAM available (MemAvailable), total (MemTotal). */
 tide_status tide_host_mem(uint64_t *free_bytes, uint64_t *total_bytes) {
@@ -125,18 +125,18 @@ static const tide_backend_device_i CPU_DEVICE = {
 static const tide_backend_buffer_i CPU_BUFFER = {
     .alloc = cpu_alloc,
     .dealloc = cpu_dealloc,
-    .upload = host_copy,
-    .download = host_copy,
+    .upload = tide_host_copy,
+    .download = tide_host_copy,
     .upload_weight = cpu_upload_weight,
-    .upload_async = host_copy,
-    .transfer_fence = host_fence,
-    .compute_wait_fence = host_wait_fence,
-    .transfer_sync = host_nop,
-    .pin_host = host_pin,
+    .upload_async = tide_host_copy,
+    .transfer_fence = tide_host_fence,
+    .compute_wait_fence = tide_host_wait_fence,
+    .transfer_sync = tide_host_nop,
+    .pin_host = tide_host_pin,
 };
 
 const tide_backend_ops_i tide_cpu_ops = {
-    .synchronize = host_nop,
+    .synchronize = tide_host_nop,
     .matmul = op_matmul,
     .rmsnorm = op_rmsnorm,
     .rope = op_rope,

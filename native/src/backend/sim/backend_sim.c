@@ -5,7 +5,6 @@
 #include "backend/backend.h"
 
 #include <stdlib.h>
-#include <string.h>
 
 typedef struct {
     uint64_t budget;      /* bytes the device has */
@@ -41,17 +40,12 @@ static void sim_dealloc(tide_backend *be, void *ptr) {
     free(p);
 }
 
-/* Both directions: the simulated bus is memcpy. */
-static tide_status sim_copy(tide_backend *be, void *dst, const void *src, size_t n) {
-    if (n) memcpy(dst, src, n);
-    return TIDE_OK;
-}
 
 static tide_status sim_upload_weight(tide_backend *be, const void *src, size_t n, void **dst,
                                      int *copied) {
     tide_status st = sim_alloc(be, n, dst);
     if (st != TIDE_OK) return st;
-    sim_copy(be, *dst, src, n);
+    tide_host_copy(be, *dst, src, n);
     *copied = 1;
     return TIDE_OK;
 }
@@ -68,14 +62,6 @@ static void sim_free(tide_backend *be) {
     free(be);
 }
 
-static tide_status sim_nop(tide_backend *be) { return TIDE_OK; }
-static tide_status sim_fence(tide_backend *be, int32_t *fence) {
-    *fence = 0;
-    return TIDE_OK;
-}
-static tide_status sim_wait_fence(tide_backend *be, int32_t fence) { return TIDE_OK; }
-static tide_status sim_pin(tide_backend *be, void *ptr, size_t n) { return TIDE_OK; }
-
 /* Copies complete before they return, like the ops: no capability flag. */
 static const tide_backend_device_i SIM_DEVICE = {
     .name = "sim", .caps = 0, .free = sim_free, .mem_free = sim_mem_free};
@@ -83,14 +69,15 @@ static const tide_backend_device_i SIM_DEVICE = {
 static const tide_backend_buffer_i SIM_BUFFER = {
     .alloc = sim_alloc,
     .dealloc = sim_dealloc,
-    .upload = sim_copy,
-    .download = sim_copy,
+    /* the simulated bus: host copies that complete before they return, as the cpu's */
+    .upload = tide_host_copy,
+    .download = tide_host_copy,
     .upload_weight = sim_upload_weight,
-    .upload_async = sim_copy,
-    .transfer_fence = sim_fence,
-    .compute_wait_fence = sim_wait_fence,
-    .transfer_sync = sim_nop,
-    .pin_host = sim_pin,
+    .upload_async = tide_host_copy,
+    .transfer_fence = tide_host_fence,
+    .compute_wait_fence = tide_host_wait_fence,
+    .transfer_sync = tide_host_nop,
+    .pin_host = tide_host_pin,
 };
 
 tide_status tide_backend_sim_new(struct tide_pool *pool, uint64_t memory, tide_backend **out) {
