@@ -6,6 +6,7 @@
 #   make sanitize   native tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make fuzz       libFuzzer target for the GGUF reader (clang), FUZZ_SECONDS=600
 
+SHELL   := /bin/bash
 PYTHON  ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
@@ -24,11 +25,11 @@ CFLAGS  += -std=c11 -fPIC -Wall -Wextra -Wno-unused-parameter -pthread -D_GNU_SO
            -fvisibility=hidden -Inative/include -Inative/src
 LDLIBS  := -lm -lpthread
 
-C_SRCS  := $(wildcard native/src/*.c native/src/cpu/*.c)
+C_SRCS  := $(wildcard native/src/*.c native/src/moe/*.c native/src/backend/cpu/*.c native/src/backend/sim/*.c)
 C_OBJS  := $(patsubst native/src/%.c,$(BUILD)/%.o,$(C_SRCS))
-CU_SRCS := $(wildcard native/src/cuda/*.cu)
+CU_SRCS := $(wildcard native/src/backend/cuda/*.cu)
 CU_OBJS := $(patsubst native/src/%.cu,$(BUILD)/%.o,$(CU_SRCS))
-HDRS    := $(wildcard native/include/*.h native/src/*.h native/src/cpu/*.h native/src/cuda/*.cuh)
+HDRS    := $(wildcard native/include/*.h native/src/*.h native/src/moe/*.h native/src/backend/*.h native/src/backend/cpu/*.h native/src/backend/cuda/*.cuh)
 
 # Hopper first, then the common datacenter and consumer parts, PTX of the newest for the rest.
 CUDA_ARCHS ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80 \
@@ -101,8 +102,44 @@ $(BUILD)/tests/%: native/tests/%.c native/tests/check.h $(C_SRCS) $(HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) -o $@ $< $(C_SRCS) $(TEST_LDLIBS)
 
-test-native: $(NATIVE_TESTS)
+# The backend-ops test (native/tests/test_backend_ops.cu, C++): every op of a backend against a
+# double-precision host reference. Built over the C backends (cpu, sim), over the CUDA sources
+# on the CPU emulator (native/tests/emu), and with nvcc for a real GPU when CUDA=1.
+CXX      ?= c++
+OPS_TEST := native/tests/test_backend_ops.cu
+HOST_BACKEND_SRCS := native/src/common.c native/src/threadpool.c \
+                     $(wildcard native/src/backend/cpu/*.c native/src/backend/sim/*.c)
+HOST_BACKEND_OBJS = $(patsubst native/src/%.c,$(BUILD)/ops-test/%.o,$(HOST_BACKEND_SRCS))
+OPS_CXXFLAGS := -O2 -g -std=c++17 -pthread -D_GNU_SOURCE -Inative/include -Inative/src
+$(BUILD)/ops-test/%.o: native/src/%.c $(HDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) -c $< -o $@
+$(BUILD)/tests/test_backend_ops: $(OPS_TEST) $(HOST_BACKEND_OBJS) $(HDRS)
+	@mkdir -p $(dir $@)
+	$(CXX) $(OPS_CXXFLAGS) -x c++ $(OPS_TEST) -x none $(HOST_BACKEND_OBJS) -lm -o $@
+$(BUILD)/tests/test_backend_ops_emu: $(OPS_TEST) $(CU_SRCS) $(HOST_BACKEND_OBJS) $(HDRS) native/tests/emu/emu_cuda.h
+	@mkdir -p $(dir $@)
+	$(CXX) $(OPS_CXXFLAGS) -O1 -w -DTIDE_CUDA_EMU -DTIDE_CUDA=1 -Inative/tests/emu \
+	    -x c++ $(OPS_TEST) $(CU_SRCS) -x none $(HOST_BACKEND_OBJS) -lm -o $@
+$(BUILD)/tests/test_backend_ops_cuda: $(OPS_TEST) $(CU_OBJS) $(HOST_BACKEND_OBJS) $(HDRS)
+	@mkdir -p $(dir $@)
+	$(NVCC) -O2 -std=c++17 -DTIDE_CUDA=1 -Inative/include -Inative/src $(CUDA_ARCHS) \
+	    -x cu -c $(OPS_TEST) -o $@.o
+	$(NVCC) $(CUDA_ARCHS) $@.o $(CU_OBJS) $(HOST_BACKEND_OBJS) -o $@
+
+OPS_TESTS := $(BUILD)/tests/test_backend_ops $(BUILD)/tests/test_backend_ops_emu \
+             $(if $(filter 1,$(CUDA)),$(BUILD)/tests/test_backend_ops_cuda)
+
+# Exit 77 is a skip (no GPU here): the test prints why, make goes on.
+test-native: $(NATIVE_TESTS) $(OPS_TESTS)
 	@for t in $(NATIVE_TESTS); do echo "== $$t"; $$t || exit 1; done
+	@echo "== backend ops: cpu"; $(BUILD)/tests/test_backend_ops cpu | tail -1; test $${PIPESTATUS[0]} -eq 0
+	@echo "== backend ops: sim"; $(BUILD)/tests/test_backend_ops sim | tail -1; test $${PIPESTATUS[0]} -eq 0
+	@echo "== backend ops: cuda kernels on the CPU emulator"; \
+	  $(BUILD)/tests/test_backend_ops_emu cuda --quick | tail -1; test $${PIPESTATUS[0]} -eq 0
+	@if [ -x $(BUILD)/tests/test_backend_ops_cuda ]; then echo "== backend ops: cuda"; \
+	  $(BUILD)/tests/test_backend_ops_cuda cuda | tail -1; rc=$${PIPESTATUS[0]}; \
+	  test $$rc -eq 0 -o $$rc -eq 77; fi
 
 test: setup test-native
 	$(VPY) -m pytest -q tests
@@ -116,12 +153,20 @@ sanitize: $(VENV)/.done
 	  $(CC) -std=c11 -pthread -D_GNU_SOURCE -Inative/include -Inative/src $(SAN_FLAGS) -o $(BUILD)/san/$$n $$t $(C_SRCS) -lm || exit 1; \
 	  PATH=$(VENV)/bin:$$PATH TIDE_PYTHON=$(abspath $(VPY)) $(BUILD)/san/$$n || exit 1; \
 	done
+	@echo "== sanitize test_backend_ops (cpu, sim)"; mkdir -p $(BUILD)/san/ops && \
+	  for f in $(HOST_BACKEND_SRCS); do \
+	    $(CC) -std=c11 -pthread -D_GNU_SOURCE -Inative/include -Inative/src $(SAN_FLAGS) -c $$f \
+	      -o $(BUILD)/san/ops/$$(echo $$f | tr / _).o || exit 1; done && \
+	  $(CXX) -std=c++17 -pthread -D_GNU_SOURCE -Inative/include -Inative/src $(SAN_FLAGS) \
+	    -x c++ $(OPS_TEST) -x none $(BUILD)/san/ops/*.o -lm -o $(BUILD)/san/test_backend_ops && \
+	  $(BUILD)/san/test_backend_ops cpu --quick | tail -1 && test $${PIPESTATUS[0]} -eq 0 && \
+	  $(BUILD)/san/test_backend_ops sim --quick | tail -1 && test $${PIPESTATUS[0]} -eq 0
 
 FUZZ_SECONDS ?= 600
 fuzz:
 	@mkdir -p $(BUILD)/fuzz/corpus
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Inative/include -Inative/src \
-	    -o $(BUILD)/fuzz/fuzz_gguf native/fuzz/fuzz_gguf.c native/src/gguf.c -lm
+	    -o $(BUILD)/fuzz/fuzz_gguf native/fuzz/fuzz_gguf.c native/src/gguf.c native/src/common.c -lm
 	$(BUILD)/fuzz/fuzz_gguf -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $(BUILD)/fuzz/corpus native/fuzz/seeds
 
 clean:

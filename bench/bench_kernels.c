@@ -4,13 +4,14 @@
  *
  * Build and run (from the repository root):
  *   cc -O3 -std=c11 -D_GNU_SOURCE -pthread -Inative/include -Inative/src bench/bench_kernels.c \
- *      native/src/threadpool.c native/src/cpu/[a-z]*.c -lm -o /tmp/bench_kernels
+ *      native/src/threadpool.c native/src/common.c native/src/backend/cpu/[a-z]*.c -lm \
+ *      -o /tmp/bench_kernels
  *   /tmp/bench_kernels [threads (default: all)] [working set MiB (default 1152)] [avx2|scalar]
  *
  * Working sets are larger than the last-level cache by default so weights come from DRAM, as
  * they do in a forward pass (each weight is read once per forward).
  */
-#include "cpu/kernels.h"
+#include "backend/cpu/kernels.h"
 #include "threadpool.h"
 
 #include <stdio.h>

@@ -1,4 +1,4 @@
-"""The CUDA backend (native/src/cuda/) against the CPU backend and the simulated device.
+"""The CUDA backend (native/src/backend/cuda/) against the CPU backend and the simulated device.
 
 On a machine without a usable GPU every test here is skipped ("no CUDA GPU: <why>") except the
 ones that check exactly that situation: device="cuda" is then a clear error and device="auto"
@@ -77,7 +77,18 @@ def test_cuda_without_gpu_is_a_clear_error(tiny_gguf):
         assert m.device == "cpu"
 
 
-# ---- the ops one by one (bench/gpu/test_ops.cu) ------------------------------------------------
+# ---- the engine on the CUDA emulator -------------------------------------------------------------
+# (the ops one by one, on the emulator and on a GPU, are native/tests/test_backend_ops.cu, run by
+# `make test-native`)
+
+def _c_sources():
+    """Every C source of the library (native/src and its folders; CUDA is .cu)."""
+    return sorted(glob.glob(os.path.join(ROOT, "native", "src", "**", "*.c"), recursive=True))
+
+
+def _cu_sources():
+    return sorted(glob.glob(os.path.join(ROOT, "native", "src", "backend", "cuda", "*.cu")))
+
 
 def _build_emulated_lib(tmp_path):
     """libtide with the CUDA backend compiled against the CPU emulator: device="cuda" then runs
@@ -87,18 +98,17 @@ def _build_emulated_lib(tmp_path):
         pytest.skip("no C/C++ compiler")
     inc = ["-I" + os.path.join(ROOT, "native", "include"), "-I" + os.path.join(ROOT, "native", "src")]
     objs = []
-    for i, src in enumerate(sorted(glob.glob(os.path.join(ROOT, "native", "src", "*.c")) +
-                                   glob.glob(os.path.join(ROOT, "native", "src", "cpu", "*.c")))):
+    for i, src in enumerate(_c_sources()):
         o = str(tmp_path / f"c{i}.o")
         cmd = [cc, "-O2", "-std=c11", "-fPIC", "-pthread", "-D_GNU_SOURCE", "-w", "-DTIDE_CUDA=1",
                *inc, "-c", src, "-o", o]
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         objs.append(o)
-    for i, src in enumerate(sorted(glob.glob(os.path.join(ROOT, "native", "src", "cuda", "*.cu")))):
+    for i, src in enumerate(sorted(_cu_sources())):
         o = str(tmp_path / f"cu{i}.o")
         cmd = [cxx, "-O2", "-std=c++17", "-fPIC", "-w", "-DTIDE_CUDA_EMU", "-DTIDE_CUDA=1", "-x", "c++",
-               "-I" + os.path.join(ROOT, "bench", "gpu", "emu"), *inc, "-c", src, "-o", o]
+               "-I" + os.path.join(ROOT, "native", "tests", "emu"), *inc, "-c", src, "-o", o]
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         objs.append(o)
@@ -145,50 +155,6 @@ def test_forward_on_cpu_emulator(tmp_path, tiny_gguf):
                        text=True, env=env, timeout=900)
     print(r.stdout)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
-
-
-@pytest.mark.slow
-def test_kernels_on_cpu_emulator(tmp_path):
-    """The CUDA sources compiled as C++ against bench/gpu/emu/emu_cuda.h (threads as fibers that
-    switch at shuffles and barriers, device memory = host memory) and run through the backend
-    table against a double-precision reference: the kernels' index math, shuffles, barriers and
-    the backend's host logic (arena, budget, staging, messages), on any machine."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        pytest.skip("no C++ compiler")
-    exe = str(tmp_path / "test_ops_emu")
-    srcs = sorted(glob.glob(os.path.join(ROOT, "native", "src", "cuda", "*.cu")))
-    cmd = [cxx, "-O1", "-std=c++17", "-w", "-DTIDE_CUDA_EMU", "-DTIDE_CUDA=1", "-x", "c++",
-           "-I" + os.path.join(ROOT, "bench", "gpu", "emu"),
-           "-I" + os.path.join(ROOT, "native", "include"), "-I" + os.path.join(ROOT, "native", "src"),
-           os.path.join(ROOT, "bench", "gpu", "test_ops.cu"), *srcs, "-o", exe]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = subprocess.run([exe, "--quick"], capture_output=True, text=True, timeout=600)
-    print(r.stdout)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert " 0 failed" in r.stdout
-
-
-@needs_gpu
-def test_backend_ops_against_host_reference(tmp_path):
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
-                                    if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
-    if not nvcc:
-        pytest.skip("nvcc not found: cannot build bench/gpu/test_ops.cu")
-    exe = str(tmp_path / "test_ops")
-    objs = sorted(glob.glob(os.path.join(ROOT, "build", "cuda-on", "cuda", "*.o")))
-    srcs = sorted(glob.glob(os.path.join(ROOT, "native", "src", "cuda", "*.cu")))
-    # reuse the library's objects when make built them (they hold every arch), else compile
-    parts = objs if len(objs) == len(srcs) else srcs
-    cmd = [nvcc, "-O2", "-std=c++17", "-arch=native", "-DTIDE_CUDA=1",
-           "-I" + os.path.join(ROOT, "native", "include"), "-I" + os.path.join(ROOT, "native", "src"),
-           os.path.join(ROOT, "bench", "gpu", "test_ops.cu"), *parts, "-o", exe]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = subprocess.run([exe], capture_output=True, text=True, timeout=600)
-    print(r.stdout)
-    assert r.returncode == 0, r.stdout + r.stderr
 
 
 # ---- logits and greedy tokens against the CPU backend ------------------------------------------

@@ -1,5 +1,5 @@
 """bench/gpu/make_random_gguf.py, the GGUF writer of the prepared H200 run (bench/gpu/run_h200.sh),
-checked here, where it is cheap: time on a GPU machine must not go to a broken script.
+checked here, where it is cheap: a GPU run must not spend its minutes on a broken script.
 Mini's shapes (hidden 2048, experts of 3 x 2048 x 512), fewer layers, experts and vocabulary."""
 
 import os

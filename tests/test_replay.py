@@ -1,12 +1,14 @@
-"""The replay of routing traces (tide_cpp/replay.py) against hand-computed counters, against a
-literal transcription of CONTRACTS.md section 3, and (when the core exists) against the core."""
+"""The replay of routing traces (tide_cpp/replay.py, a loop over the core's residency state
+machine) against hand-computed counters, against a literal transcription of CONTRACTS.md section
+3 (the one independent oracle of the policies), and against live contexts; the planner's
+all-budgets sweep against the state machine."""
 
 import importlib.util
 
 import numpy as np
 import pytest
 
-from tide_cpp.replay import (Trace, replay, synthetic_trace, tide_sweep, top_b,
+from tide_cpp.replay import (Trace, replay, synthetic_trace, tide_sweep,
                              KIND_STEP, KIND_COMMIT)
 
 EB = 1000  # expert bytes of the hand-made trace
@@ -81,15 +83,11 @@ def test_hand_cpu_gpu():
     assert r.totals(include_setup=False)["experts_promoted"] == 0
 
 
-def test_top_b_ties_lower_id():
-    assert top_b(np.array([1, 3, 3, 0, 1]), 3).tolist() == [1, 2, 0]
-    assert top_b(np.array([0, 0, 2]), 3).tolist() == [2]
-
-
 # ---- a literal transcription of section 3, the slow way, as a second opinion --------------------
 
 def literal(tr, policy, B, tau=1):
-    """Per layer, per forward, sets and ticks exactly as the words of section 3."""
+    """Per layer, per forward, sets and ticks exactly as the words of section 3: written apart
+    from residency.c on purpose, so the two cannot share a mistake."""
     F, L, E = tr.hits.shape
     out = []
     for l in range(L):
@@ -139,10 +137,15 @@ def literal(tr, policy, B, tau=1):
 
 @pytest.mark.parametrize("policy,B,tau", [("tide", 3, 1), ("tide", 5, 2), ("tide", 8, 3),
                                           ("tide", 1, 4), ("swap", 3, 1), ("swap", 7, 1),
-                                          ("static", 4, 1), ("tide", 0, 1), ("swap", 16, 1)])
-def test_replay_equals_literal(policy, B, tau):
+                                          ("static", 4, 1), ("tide", 0, 1), ("swap", 16, 1),
+                                          ("swap", 0, 1), ("static", 0, 1), ("static", 30, 1),
+                                          ("tide", 16, 2), ("tide", 40, 1), ("swap", 40, 1)])
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_replay_equals_literal(policy, B, tau, seed):
+    """The state machine (through replay) against the literal transcription, forward by forward,
+    budgets 0, below, at and above n_expert."""
     tr = synthetic_trace(n_layers=2, n_expert=16, n_used=3, block_length=6, n_blocks=3,
-                         steps_per_block=5, seed=7)
+                         steps_per_block=5, seed=seed, skew=[0.5, 1.5])
     r = replay(tr, policy, B, tau)
     for (l, f, prom, dem, dev, host) in literal(tr, policy, B, tau):
         assert (r.promoted[f, l], r.demoted[f, l], r.device_pairs[f, l], r.host_pairs[f, l]) == \

@@ -1,6 +1,6 @@
-"""Expert residency on the simulated device (issue 5): lossless under every policy, budget and
-interval; counters exact, and equal to the plain-Python replay (tide_cpp/replay.py) of the
-recorded routing trace; bad settings refused."""
+"""Expert residency on the simulated device: lossless under every policy, budget and interval;
+counters exact, and equal to the replay (tide_cpp/replay.py, the core's residency state machine
+on its own) of the recorded routing trace; bad settings refused."""
 
 import itertools
 import re
@@ -117,7 +117,7 @@ def test_cpu_moves_nothing_gpu_moves_each_expert_once(base):
                          [("static", 3, 1), ("swap", 1, 1), ("swap", 3, 1), ("tide", 3, 1),
                           ("tide", 3, 3), ("tide", 1, 2), ("gpu", None, 1), ("cpu", None, 1)])
 def test_counters_equal_replay(base, policy, budget, interval):
-    replay = pytest.importorskip("tide_cpp.replay", reason="tide_cpp/replay.py not present yet")
+    from tide_cpp import replay
     path, cfg, ids, _ = base
     with Model(path, device="sim", policy=policy, gpu_experts=budget, refresh_interval=interval,
                trace=True) as m:

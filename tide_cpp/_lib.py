@@ -6,10 +6,10 @@ The library is tide_cpp/libtide.so beside this file, or the path in $TIDE_LIB. U
 
 import ctypes
 import os
-from ctypes import (POINTER, Structure, c_char_p, c_double, c_float, c_int, c_int32, c_size_t,
-                    c_uint8, c_uint64, c_void_p)
+from ctypes import (POINTER, Structure, c_char_p, c_double, c_float, c_int, c_int32, c_int64,
+                    c_size_t, c_uint8, c_uint64, c_void_p)
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # tide_status
 OK, ERR_IO, ERR_FORMAT, ERR_MODEL, ERR_ARG, ERR_NOMEM, ERR_DEVICE, ERR_UNSUPPORTED, ERR_CONTEXT = range(9)
@@ -84,6 +84,11 @@ class tide_layer_stats(Structure):
         (n, c_uint64) for n in PREFETCH_COUNTERS]
 
 
+class tide_residency_delta(Structure):
+    _fields_ = [(n, c_int64) for n in ("promoted", "demoted", "device_pairs", "host_pairs",
+                                       "device_experts", "host_experts")]
+
+
 def struct_dict(s):
     return {name: getattr(s, name) for name, _ in s._fields_}
 
@@ -101,6 +106,7 @@ def _find_library():
 
 _model_p = c_void_p
 _ctx_p = c_void_p
+_res_p = c_void_p
 
 
 def _declare(lib):
@@ -130,6 +136,16 @@ def _declare(lib):
         ("tide_stats_reset", [_ctx_p], None),
         ("tide_last_hits", [_ctx_p, POINTER(c_int32), c_size_t], c_int),
         ("tide_resident", [_ctx_p, c_int32, POINTER(c_uint8), c_size_t], c_int),
+        ("tide_residency_new", [c_int32, c_int32, c_int32, POINTER(c_int32), c_int32, c_int32,
+                                c_uint64, POINTER(_res_p), c_char_p, c_size_t], c_int),
+        ("tide_residency_free", [_res_p], None),
+        ("tide_residency_error", [_res_p], c_char_p),
+        ("tide_residency_set_policy", [_res_p, c_int32, POINTER(c_int32), c_int32, c_int32], c_int),
+        ("tide_residency_set_popularity", [_res_p, POINTER(c_float), c_size_t], c_int),
+        ("tide_residency_forward", [_res_p, POINTER(c_int32), c_size_t, c_int32, c_int32,
+                                    POINTER(tide_residency_delta)], c_int),
+        ("tide_residency_layer_stats", [_res_p, c_int32, POINTER(tide_layer_stats)], c_int),
+        ("tide_residency_resident", [_res_p, c_int32, POINTER(c_uint8), c_size_t], c_int),
     ]
     for name, args, res in d:
         f = getattr(lib, name)
@@ -164,3 +180,20 @@ def cuda_available():
     buf = ctypes.create_string_buffer(512)
     ok = lib().tide_cuda_available(buf, len(buf))
     return bool(ok), buf.value.decode("utf-8", "replace")
+
+
+def gguf_weight_bytes(path):
+    """(expert_bytes, nonexpert_bytes) of a model file, as the core counts them when it loads it
+    (tide_hparams): bytes of one routed expert, and of every tensor that is not a routed expert.
+    Raises TideError naming the cause when the file is not a usable model."""
+    l = lib()
+    err = ctypes.create_string_buffer(512)
+    mp = c_void_p()
+    st = l.tide_model_load(os.fspath(path).encode(), ctypes.byref(mp), err, len(err))
+    check(st, lambda: f"{os.fspath(path)}: {err.value.decode('utf-8', 'replace')}")
+    try:
+        hp = tide_hparams()
+        l.tide_model_hparams(mp, ctypes.byref(hp))
+        return int(hp.expert_bytes), int(hp.nonexpert_bytes)
+    finally:
+        l.tide_model_free(mp)

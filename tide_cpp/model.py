@@ -346,7 +346,7 @@ class Model:
         out["per_layer"] = per
         out["policy"] = self._policy
         out["refresh_interval"] = self._refresh_interval
-        out["budgets"] = [d["budget"] for d in per]  # the library's, clamped to the expert count
+        out["budgets"] = [d["budget"] for d in per]  # the core's budget rule, not a copy
         out["device"] = self.device
         return out
 

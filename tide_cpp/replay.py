@@ -1,32 +1,25 @@
-"""Replay of a routing trace through the expert-residency policies, in plain Python (numpy).
+"""Replay of a routing trace through the expert-residency policies.
 
-This is the second, independent implementation of docs/CONTRACTS.md section 3 (the first is the
-core's residency.c). Given the hits of every forward (section 4 trace), it reproduces to the unit
-the counters the core keeps: promotions, demotions, H2D bytes, device and host token-expert pairs,
-per forward and per MoE layer. The planner prices these counters; the tests compare them with the
-core's.
-
-Rules, as section 3 states them (per MoE layer, independently; ties always by the lower id):
-- cpu: nothing resident. gpu: all E resident from context creation (E promotions, counted once).
-- static: popularity given -> top-B by count (count > 0) promoted at once; otherwise R = {} until
-  the first *step* forward, where R = top-B by that forward's hits, before computing. Then fixed.
-- swap: needed experts (H > 0) in ascending id; LRU on a per-layer tick; every needed expert is
-  computed on the device (B = 0: everything on the host). Steps and commits alike.
-- tide: at a step forward with step % tau == 0, before computing: T = top-B by H; promote T \\ R;
-  demote just enough of R \\ T (lowest H first, ties lower id) to fit B.
-- Pairs of experts in R after this forward's change are device pairs, the others host pairs.
+The policies (CONTRACTS.md section 3) have one implementation, the core's residency.c; tide.h
+exports it as a state machine (tide_residency_*) that needs no model and no device. replay()
+feeds it the hits of every forward of a trace (section 4) and collects what it did, per forward
+and per MoE layer: promotions, demotions, H2D bytes, device and host token-expert pairs, the
+same counters a context keeps. The planner prices these counters; the tests compare them with a
+live context's.
 
 replay() runs one policy over a whole trace; replay_phases() a run whose policy was switched
 (tide_set_residency, as policy="auto" does); tide_sweep() one layer under `tide` for every budget
-at once, which is what the planner needs.
+at once, which is what the planner needs (numpy, tested equal to the state machine).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import ctypes
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import _lib
 
 POLICIES = ("cpu", "gpu", "static", "swap", "tide")
 
@@ -142,7 +135,7 @@ class ReplayResult:
     before any forward (gpu at creation, static with a popularity profile when it is set).
     """
     policy: str
-    budgets: np.ndarray            # [L] slots as the core reports them (gpu: E)
+    budgets: np.ndarray            # [L] slots as the core reports them (gpu: E, cpu: 0)
     refresh_interval: int
     expert_bytes: int
     promoted: np.ndarray
@@ -195,113 +188,120 @@ class ReplayResult:
         return float(d / (d + h)) if d + h else 0.0
 
 
-def top_b(h: np.ndarray, b: int) -> np.ndarray:
-    """Ids of the top-b experts by hits, count > 0, ties by lower id (sorted by (-h, id))."""
-    order = np.lexsort((np.arange(h.shape[0]), -h))  # last key is primary
-    order = order[:b]
-    return order[h[order] > 0]
+class Residency:
+    """The core's residency state machine (tide_residency_*): n_layers MoE layers of n_expert
+    experts. Closed when garbage collected, or with close() / a with block."""
+
+    def __init__(self, n_layers: int, n_expert: int, policy: str, budgets=None,
+                 refresh_interval: int = 4, expert_bytes: int = 0):
+        self._lib = _lib.lib()
+        self._r = None
+        self.n_layers, self.n_expert = int(n_layers), int(n_expert)
+        b, nb = self._budgets(budgets)
+        err = ctypes.create_string_buffer(512)
+        r = ctypes.c_void_p()
+        st = self._lib.tide_residency_new(self.n_layers, self.n_expert, _policy_id(policy), b, nb,
+                                          int(refresh_interval), int(expert_bytes),
+                                          ctypes.byref(r), err, len(err))
+        if st != _lib.OK:
+            raise _error(st, err.value.decode("utf-8", "replace"))
+        self._r = r
+        self._delta = (_lib.tide_residency_delta * self.n_layers)()
+        self._stats = _lib.tide_layer_stats()
+
+    def _budgets(self, budgets):
+        """An int (every layer), one per layer, or None (0 each) -> (int32 pointer, count)."""
+        if budgets is None:
+            return None, 0
+        b = np.asarray(budgets, dtype=np.int64).reshape(-1)
+        if b.size == 1:
+            b = np.full(self.n_layers, int(b[0]), dtype=np.int64)
+        self._keep = np.ascontiguousarray(b, dtype=np.int32)
+        return self._keep.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), int(b.size)
+
+    def _check(self, st):
+        if st != _lib.OK:
+            msg = self._lib.tide_residency_error(self._r)
+            raise _error(st, msg.decode("utf-8", "replace") if msg else "")
+
+    def set_policy(self, policy: str, budgets=None, refresh_interval: int = 4):
+        b, nb = self._budgets(budgets)
+        self._check(self._lib.tide_residency_set_policy(self._r, _policy_id(policy), b, nb,
+                                                        int(refresh_interval)))
+
+    def set_popularity(self, counts):
+        c = np.ascontiguousarray(counts, dtype=np.float32).reshape(-1)
+        self._check(self._lib.tide_residency_set_popularity(
+            self._r, c.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), c.size))
+
+    def forward(self, hits, kind: int, step_in_block: int) -> np.ndarray:
+        """One forward: hits [n_layers, n_expert]. Returns int64 [n_layers, 6]: promoted,
+        demoted, device_pairs, host_pairs, device_experts, host_experts."""
+        h = np.ascontiguousarray(hits, dtype=np.int32)
+        self._check(self._lib.tide_residency_forward(
+            self._r, h.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), h.size, int(kind),
+            int(step_in_block), self._delta))
+        return np.ctypeslib.as_array(self._delta).view(np.int64).reshape(self.n_layers, 6)
+
+    def layer_stats(self, layer: int) -> dict:
+        self._check(self._lib.tide_residency_layer_stats(self._r, int(layer),
+                                                         ctypes.byref(self._stats)))
+        return _lib.struct_dict(self._stats)
+
+    def resident(self, layer: int) -> np.ndarray:
+        out = np.zeros(self.n_expert, dtype=np.uint8)
+        self._check(self._lib.tide_residency_resident(
+            self._r, int(layer), out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), out.size))
+        return out.astype(bool)
+
+    def close(self):
+        if self._r is not None:
+            self._lib.tide_residency_free(self._r)
+            self._r = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
 
 
-def _budgets(budgets, n_layers: int, n_expert: int) -> np.ndarray:
-    if budgets is None:
-        raise ValueError("budgets: required for this policy")
-    b = np.asarray(budgets, dtype=np.int64).reshape(-1)
-    if b.size == 1:
-        b = np.full(n_layers, int(b[0]), dtype=np.int64)
-    if b.size != n_layers:
-        raise ValueError(f"budgets: {b.size} entries for {n_layers} MoE layers")
-    if np.any(b < 0):
-        raise ValueError(f"budgets: must be >= 0, got {b.tolist()}")
-    return np.minimum(b, n_expert)  # more slots than experts changes nothing in any policy
+def _policy_id(policy: str) -> int:
+    if policy not in _lib.POLICIES:
+        raise ValueError(f"policy: unknown {policy!r}, expected one of {', '.join(POLICIES)}")
+    return _lib.POLICIES[policy]
+
+
+def _error(status, message):
+    """Bad arguments are the caller's ValueError; anything else the core's TideError."""
+    return ValueError(message) if status == _lib.ERR_ARG else _lib.TideError(status, message)
 
 
 def replay(trace, policy: str, budgets=None, refresh_interval: int = 4,
            popularity=None) -> ReplayResult:
     """Replay `trace` (path, dict or Trace) through `policy` with `budgets` (int or one per MoE
-    layer); `popularity` [n_moe_layers, n_expert] counts for `static`. Exact counters."""
+    layer; None: 0) and `popularity` [n_moe_layers, n_expert] counts for `static`: every forward
+    through the core's state machine. Exact counters."""
     tr = Trace.load(trace)
-    if policy not in POLICIES:
-        raise ValueError(f"policy: unknown {policy!r}, expected one of {', '.join(POLICIES)}")
     F, L, E = tr.hits.shape
-    if policy == "gpu":
-        bud = np.full(L, E, dtype=np.int64)
-    elif policy == "cpu":
-        bud = np.zeros(L, dtype=np.int64) if budgets is None else _budgets(budgets, L, E)
-    else:
-        bud = _budgets(budgets, L, E)
-    tau = int(refresh_interval)
-    if policy == "tide" and tau < 1:
-        raise ValueError(f"refresh_interval: must be >= 1, got {refresh_interval}")
-    if popularity is not None:
-        popularity = np.asarray(popularity, dtype=np.float64).reshape(L, E)
-
-    shape = (F, L)
-    out = {k: np.zeros(shape, dtype=np.int64) for k in
-           ("promoted", "demoted", "device_pairs", "host_pairs", "device_experts", "host_experts")}
-    setup = np.zeros(L, dtype=np.int64)
-    resident = np.zeros((L, E), dtype=bool)
-
-    for l in range(L):
-        B = int(bud[l])
-        R = np.zeros(E, dtype=bool)
-        static_done = False
-        if policy == "gpu":
-            R[:] = True
-            setup[l] = E
-        elif policy == "static" and popularity is not None:
-            R[top_b(popularity[l], B)] = True
-            setup[l] = int(R.sum())
-            static_done = True
-        lru = OrderedDict()  # swap: resident experts, least recently used first
+    out = np.zeros((6, F, L), dtype=np.int64)
+    with Residency(L, E, policy, budgets, refresh_interval, tr.expert_bytes) as r:
+        if popularity is not None:
+            r.set_popularity(popularity)
+        setup = np.array([r.layer_stats(l)["experts_promoted"] for l in range(L)], np.int64)
+        hits = np.ascontiguousarray(tr.hits, dtype=np.int32)
         for f in range(F):
-            H = tr.hits[f, l]
-            is_step = tr.kind[f] == KIND_STEP
-            prom = dem = 0
-            all_device = False
-            if policy == "static" and not static_done and is_step:
-                R[top_b(H, B)] = True
-                prom = int(R.sum())
-                static_done = True
-            elif policy == "tide" and is_step and tr.step[f] % tau == 0:
-                T = np.zeros(E, dtype=bool)
-                T[top_b(H, B)] = True
-                new = T & ~R
-                n_new = int(new.sum())
-                excess = int(R.sum()) + n_new - B
-                if excess > 0:
-                    cand = np.flatnonzero(R & ~T)
-                    cand = cand[np.lexsort((cand, H[cand]))]  # lowest H first, ties lower id
-                    R[cand[:excess]] = False
-                    dem = excess
-                R |= new
-                prom = n_new
-            elif policy == "swap" and B > 0:
-                # LRU: ticks are unique and grow, so the order of `lru` (oldest first) is the
-                # order of last_use, and its first entry is the victim.
-                for e in np.flatnonzero(H > 0).tolist():  # ascending id
-                    if e in lru:
-                        lru.move_to_end(e)
-                        continue
-                    if len(lru) >= B:
-                        lru.popitem(last=False)
-                        dem += 1
-                    lru[e] = True
-                    prom += 1
-                all_device = True
-            need = H > 0
-            dev = need if all_device else (need & R)
-            out["promoted"][f, l] = prom
-            out["demoted"][f, l] = dem
-            out["device_pairs"][f, l] = int(H[dev].sum())
-            out["host_pairs"][f, l] = int(H[need & ~dev].sum())
-            out["device_experts"][f, l] = int(dev.sum())
-            out["host_experts"][f, l] = int((need & ~dev).sum())
-        if policy == "swap":
-            R[list(lru)] = True
-        resident[l] = R
-    return ReplayResult(policy=policy, budgets=bud, refresh_interval=tau,
+            out[:, f, :] = r.forward(hits[f], tr.kind[f], tr.step[f]).T
+        bud = np.array([r.layer_stats(l)["budget"] for l in range(L)], np.int64)
+        resident = np.stack([r.resident(l) for l in range(L)]) if L else np.zeros((0, E), bool)
+    names = ("promoted", "demoted", "device_pairs", "host_pairs", "device_experts",
+             "host_experts")
+    return ReplayResult(policy=policy, budgets=bud, refresh_interval=int(refresh_interval),
                         expert_bytes=tr.expert_bytes, setup_promoted=setup, resident=resident,
-                        kind=tr.kind, **out)
+                        kind=tr.kind, **dict(zip(names, out)))
 
 
 # ---- the sweep the planner needs: one layer, one interval, every budget at once ---------------
@@ -442,29 +442,26 @@ def synthetic_trace(n_layers: int = 4, n_expert: int = 32, n_used: int = 4, bloc
 
 def replay_phases(trace, phases) -> dict:
     """Totals of a run whose policy changed mid-way. phases: [(first_forward, policy, budgets,
-    refresh_interval[, popularity]), ...] in order, the first starting at 0. At each switch the
-    core demotes every resident expert (counted) and the new policy starts from R = {}
-    (CONTRACTS.md section 3). Returns {"total": {...}, "per_layer": [{...}, ...]} named as the
-    core's counters (setup promotions of gpu / profiled static included)."""
+    refresh_interval[, popularity]), ...] in order, the first starting at 0. Each switch is the
+    state machine's set_policy, as tide_set_residency does it (every resident expert demoted,
+    counted; the new policy starts from R = {}). Returns {"total": {...}, "per_layer": [{...},
+    ...]} named as the core's counters (setup promotions of gpu / profiled static included)."""
     tr = Trace.load(trace)
     if not phases or phases[0][0] != 0:
         raise ValueError("phases: the first phase must start at forward 0")
-    L = tr.n_layers
-    keys = COUNTERS
-    per_layer = [{k: 0 for k in keys} for _ in range(L)]
     bounds = [p[0] for p in phases] + [tr.n_forwards]
-    for i, ph in enumerate(phases):
-        a, z = bounds[i], bounds[i + 1]
-        if z < a:
-            raise ValueError("phases: first_forward must not decrease")
-        part = Trace(tr.hits[a:z], tr.kind[a:z], tr.block[a:z], tr.step[a:z], tr.n_tokens[a:z],
-                     tr.expert_bytes, tr.n_expert, tr.moe_layers, tr.block_length)
-        r = replay(part, ph[1], ph[2], ph[3], ph[4] if len(ph) > 4 else None)
-        for l in range(L):
-            t = r.layer_totals(l)
-            for k in keys:
-                per_layer[l][k] += t[k]
-            if i + 1 < len(phases):  # the switch demotes whatever is resident
-                per_layer[l]["experts_demoted"] += int(r.resident[l].sum())
-    total = {k: sum(p[k] for p in per_layer) for k in keys}
+    if any(z < a for a, z in zip(bounds, bounds[1:])):
+        raise ValueError("phases: first_forward must not decrease")
+    hits = np.ascontiguousarray(tr.hits, dtype=np.int32)
+    first = phases[0]
+    with Residency(tr.n_layers, tr.n_expert, first[1], first[2], first[3], tr.expert_bytes) as r:
+        for i, ph in enumerate(phases):
+            if i:
+                r.set_policy(ph[1], ph[2], ph[3])
+            if len(ph) > 4 and ph[4] is not None:
+                r.set_popularity(ph[4])
+            for f in range(bounds[i], bounds[i + 1]):
+                r.forward(hits[f], tr.kind[f], tr.step[f])
+        per_layer = [{k: int(r.layer_stats(l)[k]) for k in COUNTERS} for l in range(tr.n_layers)]
+    total = {k: sum(p[k] for p in per_layer) for k in COUNTERS}
     return {"total": total, "per_layer": per_layer}

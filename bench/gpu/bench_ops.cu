@@ -3,7 +3,8 @@
  * the weight bytes per second against the H200's 4.8 TB/s.
  *
  *   nvcc -O2 -std=c++17 -arch=sm_90 -Inative/include -Inative/src -DTIDE_CUDA=1
- *        bench/gpu/bench_ops.cu build/cuda/[every .o] -o build/bench_ops && build/bench_ops
+ *        bench/gpu/bench_ops.cu build/cuda-on/backend/cuda/*.o build/cuda-on/common.o \
+ *        -o build/bench_ops && build/bench_ops
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,7 +15,7 @@
 #include <vector>
 
 extern "C" {
-#include "backend.h"
+#include "backend/backend.h"
 }
 
 #define OK(call)                                                                                   \
@@ -67,7 +68,7 @@ static void *weight(int type, int64_t rows, int64_t cols, size_t *nbytes) {
     }
     void *d;
     int copied;
-    OK(be->i->upload_weight(be, h.data(), n, &d, &copied));
+    OK(be->buf->upload_weight(be, h.data(), n, &d, &copied));
     *nbytes = n;
     return d;
 }
@@ -76,17 +77,17 @@ static float *acts(size_t n) {
     std::vector<float> h(n);
     for (auto &x : h) x = (float)(rng() % 2001 - 1000) * 1e-3f;
     void *d;
-    OK(be->i->alloc(be, n * 4, &d));
-    OK(be->i->upload(be, d, h.data(), n * 4));
+    OK(be->buf->alloc(be, n * 4, &d));
+    OK(be->buf->upload(be, d, h.data(), n * 4));
     return (float *)d;
 }
 
 template <class F> static double time_us(F f, int reps) {
     f();
-    OK(be->i->synchronize(be));
+    OK(be->ops->synchronize(be));
     double t = now();
     for (int i = 0; i < reps; i++) f();
-    OK(be->i->synchronize(be));
+    OK(be->ops->synchronize(be));
     return (now() - t) / reps * 1e6;
 }
 
@@ -96,15 +97,15 @@ static void bench_matmul(int type, int64_t rows, int64_t cols, const char *what)
     tide_matrix m = {type, rows, cols, nb, w};
     float *x = acts(64 * cols), *y = acts(64 * rows);
     for (int n : {1, 8, 32}) {
-        double us = time_us([&] { OK(be->i->matmul(be, &m, x, n, y)); }, rows > 100000 ? 20 : 200);
+        double us = time_us([&] { OK(be->ops->matmul(be, &m, x, n, y)); }, rows > 100000 ? 20 : 200);
         double bw = nb / (us * 1e-6);
         printf("matmul %-4s %-10s %6lldx%-5lld n=%-2d %9.1f us %8.0f GB/s (%4.1f%% of HBM), %6.2f TFLOP/s\n", tn(type),
                what, (long long)rows, (long long)cols, n, us, bw / 1e9, 100 * bw / HBM,
                2.0 * rows * cols * n / (us * 1e-6) / 1e12);
     }
-    be->i->dealloc(be, w);
-    be->i->dealloc(be, x);
-    be->i->dealloc(be, y);
+    be->buf->dealloc(be, w);
+    be->buf->dealloc(be, x);
+    be->buf->dealloc(be, y);
 }
 
 /* One MoE layer's device experts: 32 tokens x 8 routed, spread over n_jobs experts. */
@@ -133,23 +134,23 @@ static void bench_experts(int type, int n_jobs) {
     }
     tide_expert_batch b = {n_jobs, G.data(), U.data(), D.data(), start.data(), tok.data(), dest.data()};
     float *x = acts((size_t)n_tok * dim), *out = acts((size_t)n_tok * used * dim);
-    double us = time_us([&] { OK(be->i->experts(be, &b, x, dim, out)); }, 50);
+    double us = time_us([&] { OK(be->ops->experts(be, &b, x, dim, out)); }, 50);
     double bw = bytes / (us * 1e-6);
     printf("experts %-4s %3d experts, 256 pairs      %9.1f us %8.0f GB/s (%4.1f%% of HBM)\n", tn(type), n_jobs, us,
            bw / 1e9, 100 * bw / HBM);
-    for (void *p : mem) be->i->dealloc(be, p);
-    be->i->dealloc(be, x);
-    be->i->dealloc(be, out);
+    for (void *p : mem) be->buf->dealloc(be, p);
+    be->buf->dealloc(be, x);
+    be->buf->dealloc(be, out);
 }
 
 static void bench_attention(int n_kv) {
     tide_attn_shape s = {32, n_kv - 32, n_kv, 32, 16, 4, 128, 4 * 128};
     float *q = acts((size_t)32 * 16 * 128), *k = acts((size_t)n_kv * 512), *v = acts((size_t)n_kv * 512),
           *o = acts((size_t)32 * 16 * 128);
-    double us = time_us([&] { OK(be->i->attention(be, &s, q, k, v, o)); }, 20);
+    double us = time_us([&] { OK(be->ops->attention(be, &s, q, k, v, o)); }, 20);
     printf("attention 32 queries x %5d keys, 16/4 heads  %9.1f us (K+V %.1f MB, read %.0f GB/s from L2/HBM per block)\n",
            n_kv, us, n_kv * 512 * 8 / 1e6, 128.0 * n_kv * 1024 / (us * 1e-6) / 1e9);
-    be->i->dealloc(be, q); be->i->dealloc(be, k); be->i->dealloc(be, v); be->i->dealloc(be, o);
+    be->buf->dealloc(be, q); be->buf->dealloc(be, k); be->buf->dealloc(be, v); be->buf->dealloc(be, o);
 }
 
 int main() {
@@ -171,9 +172,9 @@ int main() {
     float *l = acts((size_t)32 * 157184);
     std::vector<int32_t> tok(32);
     std::vector<float> prob(32);
-    double us = time_us([&] { OK(be->i->argmax_prob(be, l, 32, 157184, tok.data(), prob.data())); }, 50);
+    double us = time_us([&] { OK(be->ops->argmax_prob(be, l, 32, 157184, tok.data(), prob.data())); }, 50);
     printf("argmax_prob 32 x 157184 (incl. copy back)  %9.1f us %8.0f GB/s\n", us, 32 * 157184 * 4 / (us * 1e-6) / 1e9);
-    be->i->dealloc(be, l);
-    be->i->free(be);
+    be->buf->dealloc(be, l);
+    be->dev->free(be);
     return 0;
 }

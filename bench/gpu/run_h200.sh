@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# bench/gpu/run_h200.sh: the one prepared script for a session that is lent an H200 for ~10
+# bench/gpu/run_h200.sh: the one prepared script for a machine with an H200 lent for ~10
 # minutes. It builds the library for sm_90, checks every CUDA op against a host reference
-# (bench/gpu/test_ops.cu), times each op at mini's shapes (bench/gpu/bench_ops.cu), runs
+# (native/tests/test_backend_ops.cu), times each op at mini's shapes (bench/gpu/bench_ops.cu), runs
 # tests/test_cuda.py, measures host-to-device bandwidth, writes a
 # random-weight GGUF with LLaDA2.0-mini's exact shapes and runs `tide-cli bench` over the
 # policies and budgets 32/64/128. Every stage is bounded by `timeout`, and no stage starts when
@@ -69,13 +69,12 @@ run_for 150 build.log make -j"$(nproc)" CUDA=1 CUDA_ARCHS="$ARCH90" lib || echo 
 ls -la tide_cpp/libtide.so
 
 # ---- 3. every op against a host reference --------------------------------------------------------
-run_for 60 test_ops.log nvcc -O2 -std=c++17 $ARCH90 -Inative/include -Inative/src -DTIDE_CUDA=1 \
-    bench/gpu/test_ops.cu build/cuda-on/cuda/*.o -o build/test_ops
-run_for 90 test_ops.log build/test_ops
+run_for 60 test_ops.log make -j"$(nproc)" CUDA=1 CUDA_ARCHS="$ARCH90" build/cuda-on/tests/test_backend_ops_cuda
+run_for 90 test_ops.log build/cuda-on/tests/test_backend_ops_cuda cuda
 
 # ---- 3b. speed of each op at mini's shapes (GB/s against 4.8 TB/s) --------------------------------
 run_for 60 bench_ops.log nvcc -O2 -std=c++17 $ARCH90 -Inative/include -Inative/src -DTIDE_CUDA=1 \
-    bench/gpu/bench_ops.cu build/cuda-on/cuda/*.o -o build/bench_ops
+    bench/gpu/bench_ops.cu build/cuda-on/backend/cuda/*.o build/cuda-on/common.o -o build/bench_ops
 run_for 90 bench_ops.log build/bench_ops
 
 # ---- 4. host-to-device bandwidth (pinned / registered / pageable) --------------------------------

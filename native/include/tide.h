@@ -23,7 +23,7 @@ extern "C" {
 #define TIDE_API __attribute__((visibility("default")))
 #endif
 
-#define TIDE_ABI_VERSION 2
+#define TIDE_ABI_VERSION 3
 
 typedef enum {
     TIDE_OK = 0,
@@ -61,6 +61,7 @@ typedef enum {
 
 typedef struct tide_model tide_model;
 typedef struct tide_context tide_context;
+typedef struct tide_residency tide_residency;
 
 /* Hyperparameters as read from the GGUF (llada2.* keys). */
 typedef struct {
@@ -186,6 +187,52 @@ TIDE_API tide_status tide_last_hits(const tide_context *ctx, int32_t *out, size_
 /* Resident experts of a MoE layer now: out[n_expert] = 1 if resident. */
 TIDE_API tide_status tide_resident(const tide_context *ctx, int32_t moe_layer, uint8_t *out,
                                    size_t n);
+
+/* ---- the residency state machine --------------------------------------------------------- */
+/* The expert residency policies of CONTRACTS.md section 3, the same code a context runs, on its
+ * own: fed the hits of each forward (a routing trace), it makes the decisions and keeps the
+ * counters a context would, without weights or device memory. tide_cpp/replay.py replays
+ * traces through it. The object allocates what it needs when made and nothing after.
+ *
+ * Budgets: the slots a layer gets (and reports as `budget`) for a requested budget b >= 0 are
+ * n_expert under gpu, 0 under cpu (it never fills a slot), min(b, n_expert) otherwise. */
+typedef struct {
+    int64_t promoted, demoted;            /* experts moved before this forward computed */
+    int64_t device_pairs, host_pairs;     /* token-expert pairs on each side */
+    int64_t device_experts, host_experts; /* distinct experts with pairs on each side */
+} tide_residency_delta;
+
+/* n_layers MoE layers of n_expert experts under `policy` with budgets[n_layers] (NULL: 0
+ * each); refresh_interval >= 1. gpu promotes every expert here (counted). On failure *out =
+ * NULL and err holds the cause. */
+TIDE_API tide_status tide_residency_new(int32_t n_layers, int32_t n_expert, int32_t policy,
+                                        const int32_t *budgets, int32_t n_budgets,
+                                        int32_t refresh_interval, uint64_t expert_bytes,
+                                        tide_residency **out, char *err, size_t err_len);
+TIDE_API void tide_residency_free(tide_residency *r);
+/* Message of the last failed call on r. */
+TIDE_API const char *tide_residency_error(const tide_residency *r);
+/* Switch policy, budgets and interval as tide_set_residency does: every resident expert is
+ * demoted (counted) and the new policy starts from nothing resident. Counters are kept. */
+TIDE_API tide_status tide_residency_set_policy(tide_residency *r, int32_t policy,
+                                               const int32_t *budgets, int32_t n_budgets,
+                                               int32_t refresh_interval);
+/* Popularity profile for `static`, as tide_set_popularity: counts[n_layers * n_expert]. */
+TIDE_API tide_status tide_residency_set_popularity(tide_residency *r, const float *counts,
+                                                   size_t n);
+/* One forward of every layer: hits[n_layers * n_expert] token-expert pairs per expert, kind
+ * 0 step / 1 commit / 2 logits (CONTRACTS.md section 4), step_in_block for steps. out[n_layers]
+ * (may be NULL) gets what this forward did in each layer. */
+TIDE_API tide_status tide_residency_forward(tide_residency *r, const int32_t *hits, size_t n,
+                                            int32_t kind, int32_t step_in_block,
+                                            tide_residency_delta *out);
+/* Counters of one layer since r was made (setup promotions included), its budget and how many
+ * experts are resident now; the timers of tide_layer_stats stay 0. */
+TIDE_API tide_status tide_residency_layer_stats(const tide_residency *r, int32_t layer,
+                                                tide_layer_stats *out);
+/* Resident experts of a layer now: out[n_expert] = 1 if resident. */
+TIDE_API tide_status tide_residency_resident(const tide_residency *r, int32_t layer,
+                                             uint8_t *out, size_t n);
 
 #ifdef __cplusplus
 }

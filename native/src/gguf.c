@@ -9,6 +9,7 @@
 #define _POSIX_C_SOURCE 200809L /* mmap, fstat, O_CLOEXEC under a strict -std=c11 */
 #endif
 #include "gguf.h"
+#include "common.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -61,19 +62,6 @@ struct gguf_file {
 };
 
 /* ---- messages ------------------------------------------------------------------------------ */
-
-static tide_status gguf_fail(tide_status st, char *err, size_t err_len, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static tide_status gguf_fail(tide_status st, char *err, size_t err_len, const char *fmt, ...) {
-    if (err && err_len > 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_len, fmt, ap);
-        va_end(ap);
-    }
-    return st;
-}
 
 typedef unsigned long long ull;
 
@@ -159,7 +147,7 @@ static uint64_t gguf_left(const gguf_reader *r) { return r->size - r->pos; }
 /* Claim n bytes at the cursor; `what` names them in the message. */
 static tide_status gguf_take(gguf_reader *r, uint64_t n, uint64_t *at, const char *what) {
     if (n > gguf_left(r))
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "%s at offset %llu: needs %llu bytes, file ends after %llu "
                          "(size %llu)",
                          what, (ull)r->pos, (ull)n, (ull)gguf_left(r), (ull)r->size);
@@ -188,7 +176,7 @@ static tide_status gguf_read_str(gguf_reader *r, uint64_t *off, uint64_t *len, c
     tide_status st = gguf_read_u64(r, len, what);
     if (st != TIDE_OK) return st;
     if (*len > gguf_left(r))
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "%s: string length %llu at offset %llu extends past end of file "
                          "(size %llu)",
                          what, (ull)*len, (ull)start, (ull)r->size);
@@ -267,16 +255,16 @@ static tide_status gguf_parse_array(gguf_reader *r, gguf_kv *kv, const char *wha
     if (st != TIDE_OK) return st;
     kv->elem_type = (int32_t)et;
     if (et == GGUF_TYPE_ARRAY)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "%s: arrays of arrays are not supported", what);
     if (et >= GGUF_TYPE_COUNT)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "%s: unknown array element type %u", what, et);
     kv->off = r->pos;
     if (et != GGUF_TYPE_STRING) {
         uint64_t es = gguf_scalar_size((int32_t)et);
         if (kv->len > gguf_left(r) / es) /* division first: no overflow */
-            return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+            return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                              "%s: array of %llu %s at offset %llu extends past end of file "
                              "(size %llu)",
                              what, (ull)kv->len, gguf_value_type_name((int32_t)et), (ull)r->pos,
@@ -284,13 +272,13 @@ static tide_status gguf_parse_array(gguf_reader *r, gguf_kv *kv, const char *wha
         return gguf_take(r, kv->len * es, NULL, what);
     }
     if (kv->len > gguf_left(r) / 8) /* each string takes at least its 8-byte length */
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "%s: array of %llu strings at offset %llu cannot fit in the file "
                          "(size %llu)",
                          what, (ull)kv->len, (ull)r->pos, (ull)r->size);
     kv->str_offs = malloc((kv->len ? kv->len : 1) * sizeof *kv->str_offs);
     if (!kv->str_offs)
-        return gguf_fail(TIDE_ERR_NOMEM, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_NOMEM,
                          "%s: out of memory indexing %llu strings", what, (ull)kv->len);
     for (uint64_t i = 0; i < kv->len; i++) {
         uint64_t off, len;
@@ -315,7 +303,7 @@ static tide_status gguf_parse_kv(gguf_file *f, gguf_reader *r, int64_t i) {
     tide_status st = gguf_read_str(r, &koff, &klen, what);
     if (st != TIDE_OK) return st;
     if (klen == 0)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len, "kv %lld: empty key", (long long)i);
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT, "kv %lld: empty key", (long long)i);
     kv->key = (const char *)r->p + koff;
     kv->key_len = (size_t)klen;
     gguf_quote(q, sizeof q, kv->key, klen);
@@ -324,7 +312,7 @@ static tide_status gguf_parse_kv(gguf_file *f, gguf_reader *r, int64_t i) {
     st = gguf_read_u32(r, &type, what);
     if (st != TIDE_OK) return st;
     if (type >= GGUF_TYPE_COUNT)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len, "%s: unknown value type %u", what,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT, "%s: unknown value type %u", what,
                          type);
     kv->type = (int32_t)type;
     st = gguf_parse_value(r, kv, what);
@@ -332,7 +320,7 @@ static tide_status gguf_parse_kv(gguf_file *f, gguf_reader *r, int64_t i) {
     int64_t dup;
     uint64_t slot = gguf_index_probe(&f->kv_index, f, gguf_kv_name, kv->key, kv->key_len, &dup);
     if (dup >= 0)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len, "%s: duplicate key (also kv %lld)",
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT, "%s: duplicate key (also kv %lld)",
                          what, (long long)dup);
     f->kv_index.slots[slot] = (uint32_t)(i + 1);
     return TIDE_OK;
@@ -372,11 +360,11 @@ static tide_status gguf_parse_alignment(gguf_file *f, gguf_reader *r) {
     bool neg;
     uint64_t v;
     if (!gguf_kv_int(f, &f->kv[i], &neg, &v))
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "general.alignment has type %s, expected an integer",
                          gguf_value_type_name(f->kv[i].type));
     if (neg || v == 0 || (v & (v - 1)) != 0 || v > UINT32_MAX)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "general.alignment = %s%llu is not a power of two in [1, 2^31]",
                          neg ? "-" : "", (ull)v);
     f->alignment = v;
@@ -390,7 +378,7 @@ static tide_status gguf_parse_dims(gguf_reader *r, gguf_tensor_info *t, const ch
     tide_status st = gguf_read_u32(r, &n_dims, what);
     if (st != TIDE_OK) return st;
     if (n_dims < 1 || n_dims > GGUF_MAX_DIMS)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len, "%s: n_dims %u is not in 1..%d",
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT, "%s: n_dims %u is not in 1..%d",
                          what, n_dims, GGUF_MAX_DIMS);
     t->n_dims = (int32_t)n_dims;
     int64_t n_el = 1;
@@ -400,10 +388,10 @@ static tide_status gguf_parse_dims(gguf_reader *r, gguf_tensor_info *t, const ch
         st = gguf_read_u64(r, &ne, what);
         if (st != TIDE_OK) return st;
         if (ne == 0 || ne > (uint64_t)INT64_MAX)
-            return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+            return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                              "%s: dim %u = %llu is not a positive int64", what, d, (ull)ne);
         if ((uint64_t)n_el > (uint64_t)INT64_MAX / ne)
-            return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+            return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                              "%s: element count overflows at dim %u (= %llu)", what, d, (ull)ne);
         t->ne[d] = (int64_t)ne;
         n_el *= (int64_t)ne;
@@ -418,16 +406,16 @@ static tide_status gguf_parse_type(gguf_reader *r, gguf_tensor_info *t, const ch
     if (st != TIDE_OK) return st;
     const gguf_type_desc *d = type <= INT32_MAX ? gguf_type_desc_of((int32_t)type) : NULL;
     if (!d)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len, "%s: unknown ggml type %u", what,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT, "%s: unknown ggml type %u", what,
                          type);
     t->type = (int32_t)type;
     if (t->ne[0] % d->block_elems != 0)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "%s: row length %lld is not a multiple of the %s block size %u", what,
                          (long long)t->ne[0], d->name, (unsigned)d->block_elems);
     uint64_t blocks = (uint64_t)t->n_elements / d->block_elems;
     if (blocks > UINT64_MAX / d->bytes)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len, "%s: byte size overflows", what);
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT, "%s: byte size overflows", what);
     t->nbytes = blocks * d->bytes;
     return TIDE_OK;
 }
@@ -441,7 +429,7 @@ static tide_status gguf_parse_tensor(gguf_file *f, gguf_reader *r, int64_t i, ch
     if (st != TIDE_OK) return st;
     const char *raw = (const char *)r->p + noff;
     if (nlen == 0 || nlen > GGUF_MAX_NAME || memchr(raw, '\0', (size_t)nlen))
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "tensor %lld: name of %llu bytes is empty, longer than %d or holds a "
                          "NUL byte",
                          (long long)i, (ull)nlen, GGUF_MAX_NAME);
@@ -456,14 +444,14 @@ static tide_status gguf_parse_tensor(gguf_file *f, gguf_reader *r, int64_t i, ch
     uint64_t slot = gguf_index_probe(&f->tensor_index, f, gguf_tensor_name, t->name,
                                      (size_t)nlen, &dup);
     if (dup >= 0)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "%s: duplicate tensor name (tensors %lld and %lld)", what,
                          (long long)dup, (long long)i);
     if ((st = gguf_parse_dims(r, t, what)) != TIDE_OK) return st;
     if ((st = gguf_parse_type(r, t, what)) != TIDE_OK) return st;
     if ((st = gguf_read_u64(r, &t->offset, what)) != TIDE_OK) return st;
     if (t->offset % f->alignment != 0)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "%s: data offset %llu is not a multiple of the alignment %llu", what,
                          (ull)t->offset, (ull)f->alignment);
     f->tensor_index.slots[slot] = (uint32_t)(i + 1);
@@ -476,7 +464,7 @@ static tide_status gguf_place_tensors(gguf_file *f, char *err, size_t err_len) {
         gguf_tensor_info *t = &f->tensors[i];
         uint64_t room = f->data_offset <= f->size ? f->size - f->data_offset : 0;
         if (t->offset > room || t->nbytes > room - t->offset)
-            return gguf_fail(TIDE_ERR_FORMAT, err, err_len,
+            return tide_errf(err, err_len, TIDE_ERR_FORMAT,
                              "tensor '%s': data [offset %llu, size %llu] (data section at %llu) "
                              "extends past end of file (size %llu)",
                              t->name, (ull)t->offset, (ull)t->nbytes, (ull)f->data_offset,
@@ -492,20 +480,20 @@ static tide_status gguf_place_tensors(gguf_file *f, char *err, size_t err_len) {
 static tide_status gguf_parse_header(gguf_file *f, gguf_reader *r, uint64_t *n_tensors,
                                      uint64_t *n_kv) {
     if (r->size < GGUF_HEADER_BYTES)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "file is %llu bytes, shorter than the %u-byte GGUF header",
                          (ull)r->size, GGUF_HEADER_BYTES);
     if (memcmp(r->p, GGUF_MAGIC, 4) != 0) {
         char q[8];
         gguf_quote(q, sizeof q, (const char *)r->p, 4);
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "bad magic '%s' (%02x %02x %02x %02x): not a GGUF file", q, r->p[0],
                          r->p[1], r->p[2], r->p[3]);
     }
     r->pos = 4;
     gguf_read_u32(r, &f->version, "version");
     if (f->version != 2 && f->version != 3)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "GGUF version %u is not supported (2 and 3 are%s)", f->version,
                          f->version == 0x03000000u || f->version == 0x02000000u
                              ? "; this looks like a big-endian file"
@@ -514,12 +502,12 @@ static tide_status gguf_parse_header(gguf_file *f, gguf_reader *r, uint64_t *n_t
     gguf_read_u64(r, n_kv, "n_kv");
     uint64_t left = gguf_left(r);
     if (*n_kv > left / GGUF_MIN_KV_BYTES)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "header: n_kv = %llu cannot fit in a file of %llu bytes", (ull)*n_kv,
                          (ull)r->size);
     if (*n_tensors > left / GGUF_MIN_TENSOR_BYTES ||
         *n_kv * GGUF_MIN_KV_BYTES + *n_tensors * GGUF_MIN_TENSOR_BYTES > left)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT,
                          "header: n_tensors = %llu (with n_kv = %llu) cannot fit in a file of "
                          "%llu bytes",
                          (ull)*n_tensors, (ull)*n_kv, (ull)r->size);
@@ -531,7 +519,7 @@ static tide_status gguf_alloc_tables(gguf_file *f, gguf_reader *r, uint64_t n_te
     /* counts are bounded by the file size (gguf_parse_header), so these sizes cannot overflow;
      * indices are stored +1 in uint32 slots, so refuse more than that can hold */
     if (n_kv >= UINT32_MAX || n_tensors >= UINT32_MAX)
-        return gguf_fail(TIDE_ERR_FORMAT, r->err, r->err_len, "header: too many entries");
+        return tide_errf(r->err, r->err_len, TIDE_ERR_FORMAT, "header: too many entries");
     f->kv = calloc(n_kv ? n_kv : 1, sizeof *f->kv);
     f->tensors = calloc(n_tensors ? n_tensors : 1, sizeof *f->tensors);
     /* names: at most GGUF_MAX_NAME + 1 each, and never more than the file holds */
@@ -540,7 +528,7 @@ static tide_status gguf_alloc_tables(gguf_file *f, gguf_reader *r, uint64_t n_te
     f->names = malloc(names ? names : 1);
     if (!f->kv || !f->tensors || !f->names || gguf_index_init(&f->kv_index, (int64_t)n_kv) ||
         gguf_index_init(&f->tensor_index, (int64_t)n_tensors))
-        return gguf_fail(TIDE_ERR_NOMEM, r->err, r->err_len,
+        return tide_errf(r->err, r->err_len, TIDE_ERR_NOMEM,
                          "out of memory for %llu kvs and %llu tensors", (ull)n_kv,
                          (ull)n_tensors);
     return TIDE_OK;
@@ -570,12 +558,12 @@ static tide_status gguf_parse(gguf_file *f, char *err, size_t err_len) {
 tide_status gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err,
                              size_t err_len) {
     if (err && err_len) err[0] = '\0';
-    if (!out) return gguf_fail(TIDE_ERR_ARG, err, err_len, "gguf_open_memory: out is NULL");
+    if (!out) return tide_errf(err, err_len, TIDE_ERR_ARG, "gguf_open_memory: out is NULL");
     *out = NULL;
     if (!data && size)
-        return gguf_fail(TIDE_ERR_ARG, err, err_len, "gguf_open_memory: data is NULL");
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "gguf_open_memory: data is NULL");
     gguf_file *f = calloc(1, sizeof *f);
-    if (!f) return gguf_fail(TIDE_ERR_NOMEM, err, err_len, "out of memory");
+    if (!f) return tide_errf(err, err_len, TIDE_ERR_NOMEM, "out of memory");
     f->base = data;
     f->size = size;
     tide_status st = gguf_parse(f, err, err_len);
@@ -589,26 +577,26 @@ tide_status gguf_open_memory(const void *data, size_t size, gguf_file **out, cha
 
 tide_status gguf_open(const char *path, gguf_file **out, char *err, size_t err_len) {
     if (err && err_len) err[0] = '\0';
-    if (!out) return gguf_fail(TIDE_ERR_ARG, err, err_len, "gguf_open: out is NULL");
+    if (!out) return tide_errf(err, err_len, TIDE_ERR_ARG, "gguf_open: out is NULL");
     *out = NULL;
-    if (!path) return gguf_fail(TIDE_ERR_ARG, err, err_len, "gguf_open: path is NULL");
+    if (!path) return tide_errf(err, err_len, TIDE_ERR_ARG, "gguf_open: path is NULL");
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return gguf_fail(TIDE_ERR_IO, err, err_len, "cannot open '%s': %s", path,
+    if (fd < 0) return tide_errf(err, err_len, TIDE_ERR_IO, "cannot open '%s': %s", path,
                                  strerror(errno));
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
         int e = errno;
         close(fd);
-        return gguf_fail(TIDE_ERR_IO, err, err_len, "cannot stat '%s': %s", path, strerror(e));
+        return tide_errf(err, err_len, TIDE_ERR_IO, "cannot stat '%s': %s", path, strerror(e));
     }
     if (!S_ISREG(sb.st_mode)) {
         close(fd);
-        return gguf_fail(TIDE_ERR_IO, err, err_len, "'%s' is not a regular file", path);
+        return tide_errf(err, err_len, TIDE_ERR_IO, "'%s' is not a regular file", path);
     }
     uint64_t size = (uint64_t)sb.st_size;
     if (size < GGUF_HEADER_BYTES) {
         close(fd);
-        return gguf_fail(TIDE_ERR_FORMAT, err, err_len,
+        return tide_errf(err, err_len, TIDE_ERR_FORMAT,
                          "'%s': file is %llu bytes, shorter than the %u-byte GGUF header", path,
                          (ull)size, GGUF_HEADER_BYTES);
     }
@@ -616,7 +604,7 @@ tide_status gguf_open(const char *path, gguf_file **out, char *err, size_t err_l
     int e = errno;
     close(fd); /* the mapping keeps the file */
     if (map == MAP_FAILED)
-        return gguf_fail(TIDE_ERR_IO, err, err_len, "cannot mmap '%s' (%llu bytes): %s", path,
+        return tide_errf(err, err_len, TIDE_ERR_IO, "cannot mmap '%s' (%llu bytes): %s", path,
                          (ull)size, strerror(e));
     tide_status st = gguf_open_memory(map, (size_t)size, out, err, err_len);
     if (st != TIDE_OK) {
@@ -680,7 +668,7 @@ int32_t gguf_kv_type(const gguf_file *f, int64_t i) {
 static tide_status gguf_lookup(const gguf_file *f, const char *key, const gguf_kv **kv,
                                char *err, size_t err_len) {
     int64_t i = gguf_find_key(f, key);
-    if (i < 0) return gguf_fail(TIDE_ERR_MODEL, err, err_len, "key '%s' not found", key);
+    if (i < 0) return tide_errf(err, err_len, TIDE_ERR_MODEL, "key '%s' not found", key);
     *kv = &f->kv[i];
     return TIDE_OK;
 }
@@ -688,10 +676,10 @@ static tide_status gguf_lookup(const gguf_file *f, const char *key, const gguf_k
 static tide_status gguf_mismatch(const gguf_kv *kv, const char *key, const char *want,
                                  char *err, size_t err_len) {
     if (kv->type == GGUF_TYPE_ARRAY)
-        return gguf_fail(TIDE_ERR_MODEL, err, err_len,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                          "key '%s' is an array of %s, expected %s", key,
                          gguf_value_type_name(kv->elem_type), want);
-    return gguf_fail(TIDE_ERR_MODEL, err, err_len, "key '%s' has type %s, expected %s", key,
+    return tide_errf(err, err_len, TIDE_ERR_MODEL, "key '%s' has type %s, expected %s", key,
                      gguf_value_type_name(kv->type), want);
 }
 
@@ -712,7 +700,7 @@ tide_status gguf_get_u32(const gguf_file *f, const char *key, uint32_t *out, cha
     tide_status st = gguf_get_int(f, key, &neg, &v, err, err_len);
     if (st != TIDE_OK) return st;
     if (neg || v > UINT32_MAX)
-        return gguf_fail(TIDE_ERR_MODEL, err, err_len, "key '%s' = %s%llu does not fit in uint32",
+        return tide_errf(err, err_len, TIDE_ERR_MODEL, "key '%s' = %s%llu does not fit in uint32",
                          key, neg ? "-" : "", (ull)v);
     *out = (uint32_t)v;
     return TIDE_OK;
@@ -725,7 +713,7 @@ tide_status gguf_get_i32(const gguf_file *f, const char *key, int32_t *out, char
     tide_status st = gguf_get_int(f, key, &neg, &v, err, err_len);
     if (st != TIDE_OK) return st;
     if (neg ? v > (uint64_t)INT32_MAX + 1 : v > INT32_MAX)
-        return gguf_fail(TIDE_ERR_MODEL, err, err_len, "key '%s' = %s%llu does not fit in int32",
+        return tide_errf(err, err_len, TIDE_ERR_MODEL, "key '%s' = %s%llu does not fit in int32",
                          key, neg ? "-" : "", (ull)v);
     *out = neg ? (int32_t)(-(int64_t)v) : (int32_t)v;
     return TIDE_OK;
@@ -738,7 +726,7 @@ tide_status gguf_get_u64(const gguf_file *f, const char *key, uint64_t *out, cha
     tide_status st = gguf_get_int(f, key, &neg, &v, err, err_len);
     if (st != TIDE_OK) return st;
     if (neg)
-        return gguf_fail(TIDE_ERR_MODEL, err, err_len, "key '%s' = -%llu is negative", key,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL, "key '%s' = -%llu is negative", key,
                          (ull)v);
     *out = v;
     return TIDE_OK;
@@ -806,11 +794,11 @@ tide_status gguf_get_arr_data(const gguf_file *f, const char *key, int32_t elem_
     tide_status st = gguf_lookup_array(f, key, &kv, err, err_len);
     if (st != TIDE_OK) return st;
     if (kv->elem_type != elem_type || elem_type == GGUF_TYPE_STRING)
-        return gguf_fail(TIDE_ERR_MODEL, err, err_len,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                          "key '%s' is an array of %s, expected an array of %s", key,
                          gguf_value_type_name(kv->elem_type), gguf_value_type_name(elem_type));
     if (n != kv->len)
-        return gguf_fail(TIDE_ERR_MODEL, err, err_len,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                          "key '%s' has %llu elements, the caller expects %llu", key,
                          (ull)kv->len, (ull)n);
     if (n) memcpy(dst, f->base + kv->off, (size_t)(n * gguf_scalar_size(elem_type)));
@@ -823,11 +811,11 @@ tide_status gguf_get_arr_str(const gguf_file *f, const char *key, uint64_t i, co
     tide_status st = gguf_lookup_array(f, key, &kv, err, err_len);
     if (st != TIDE_OK) return st;
     if (kv->elem_type != GGUF_TYPE_STRING)
-        return gguf_fail(TIDE_ERR_MODEL, err, err_len,
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
                          "key '%s' is an array of %s, expected an array of string", key,
                          gguf_value_type_name(kv->elem_type));
     if (i >= kv->len)
-        return gguf_fail(TIDE_ERR_ARG, err, err_len, "key '%s': index %llu past its %llu strings",
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "key '%s': index %llu past its %llu strings",
                          key, (ull)i, (ull)kv->len);
     uint64_t n;
     memcpy(&n, f->base + kv->str_offs[i], 8);

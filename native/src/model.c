@@ -8,18 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-tide_status tide_errf(char *err, size_t err_len, tide_status st, const char *fmt, ...) {
-    if (err && err_len) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_len, fmt, ap);
-        va_end(ap);
-    }
-    return st;
-}
-
-int tide_abi_version(void) { return TIDE_ABI_VERSION; }
-
 /* ---- hyperparameters ------------------------------------------------------------------------ */
 
 static tide_status get_i32(gguf_file *g, const char *key, int32_t *out, int32_t lo, int32_t hi,
@@ -203,7 +191,7 @@ static tide_matrix row_range(tide_matrix m, int64_t r0, int64_t n) {
     return s;
 }
 
-static void model_free(tide_model *m) {
+void tide_model_close(tide_model *m) {
     if (!m) return;
     if (m->w.layers) {
         for (int32_t il = 0; il < m->hp.n_layer; il++) {
@@ -219,12 +207,161 @@ static void model_free(tide_model *m) {
     free(m);
 }
 
-#define T(...) snprintf(name, sizeof name, __VA_ARGS__)
-#define CHECK(call)                                                                           \
+/* Binding tensors of one file: where messages go, and the running sum of non-expert bytes. */
+typedef struct {
+    gguf_file *g;
+    char *err;
+    size_t err_len;
+    uint64_t nonexpert;
+} binder;
+
+/* The tensor named by fmt, checked by tensor() (ne1 < 0: a vector). */
+static tide_status find(binder *b, int64_t ne0, int64_t ne1, int f32_only,
+                        const gguf_tensor_info **t, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+static tide_status find(binder *b, int64_t ne0, int64_t ne1, int f32_only,
+                        const gguf_tensor_info **t, const char *fmt, ...) {
+    char name[128];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    return tensor(b->g, name, ne0, ne1, f32_only, t, b->err, b->err_len);
+}
+
+#define MATRIX(out, ne0, ne1, f32_only, ...)                                                  \
     do {                                                                                      \
-        st = (call);                                                                          \
-        if (st != TIDE_OK) goto fail;                                                         \
+        const gguf_tensor_info *t_;                                                           \
+        TRY(find(b, ne0, ne1, f32_only, &t_, __VA_ARGS__));                                   \
+        (out) = as_matrix(t_);                                                                \
+        b->nonexpert += t_->nbytes;                                                           \
     } while (0)
+#define VECTOR(out, n, ...)                                                                   \
+    do {                                                                                      \
+        const gguf_tensor_info *t_;                                                           \
+        TRY(find(b, n, -1, 1, &t_, __VA_ARGS__));                                             \
+        (out) = t_->data;                                                                     \
+        b->nonexpert += t_->nbytes;                                                           \
+    } while (0)
+
+/* Attention tensors and the two norms of layer il. */
+static tide_status bind_attention(binder *b, const tide_hparams *hp, int32_t il,
+                                  tide_layer_weights *L) {
+    const int64_t H = hp->n_embd, hd = hp->head_dim;
+    const int64_t nq = hp->n_head * hd, nkv = (int64_t)hp->n_head_kv * hd;
+    VECTOR(L->attn_norm, H, "blk.%d.attn_norm.weight", il);
+    tide_matrix qkv;
+    MATRIX(qkv, H, nq + 2 * nkv, 0, "blk.%d.attn_qkv.weight", il);
+    L->wq = row_range(qkv, 0, nq);
+    L->wk = row_range(qkv, nq, nkv);
+    L->wv = row_range(qkv, nq + nkv, nkv);
+    if (hp->qk_norm) {
+        VECTOR(L->q_norm, hd, "blk.%d.attn_q_norm.weight", il);
+        VECTOR(L->k_norm, hd, "blk.%d.attn_k_norm.weight", il);
+    }
+    MATRIX(L->wo, nq, H, 0, "blk.%d.attn_output.weight", il);
+    VECTOR(L->ffn_norm, H, "blk.%d.ffn_norm.weight", il);
+    return TIDE_OK;
+}
+
+static tide_status bind_dense(binder *b, const tide_hparams *hp, int32_t il, tide_layer_weights *L) {
+    const int64_t H = hp->n_embd;
+    MATRIX(L->ffn_gate, H, hp->n_ff, 0, "blk.%d.ffn_gate.weight", il);
+    MATRIX(L->ffn_up, H, hp->n_ff, 0, "blk.%d.ffn_up.weight", il);
+    MATRIX(L->ffn_down, hp->n_ff, H, 0, "blk.%d.ffn_down.weight", il);
+    return TIDE_OK;
+}
+
+/* Router and shared experts of MoE layer il (the routed experts: bind_experts). */
+static tide_status bind_moe(binder *b, const tide_hparams *hp, int32_t il, tide_layer_weights *L) {
+    const int64_t H = hp->n_embd, E = hp->n_expert;
+    const int64_t fs = (int64_t)hp->n_ff_exp * hp->n_expert_shared;
+    MATRIX(L->router, H, E, 1, "blk.%d.ffn_gate_inp.weight", il);
+    VECTOR(L->router_bias, E, "blk.%d.exp_probs_b.bias", il);
+    if (fs > 0) {
+        MATRIX(L->shexp_gate, H, fs, 0, "blk.%d.ffn_gate_shexp.weight", il);
+        MATRIX(L->shexp_up, H, fs, 0, "blk.%d.ffn_up_shexp.weight", il);
+        MATRIX(L->shexp_down, fs, H, 0, "blk.%d.ffn_down_shexp.weight", il);
+    }
+    return TIDE_OK;
+}
+
+/* The routed experts of MoE layer il: one type for all of them (*expert_type, -1 until the
+ * first), the bytes of one (*expert_bytes), and the host range that holds them all. */
+static tide_status bind_experts(binder *b, tide_model *m, int32_t il, int32_t *expert_type,
+                                uint64_t *expert_bytes) {
+    const tide_hparams *hp = &m->hp;
+    tide_layer_weights *L = &m->w.layers[il];
+    const int64_t H = hp->n_embd, E = hp->n_expert, fe = hp->n_ff_exp;
+    L->exp_gate = calloc((size_t)E, sizeof(tide_matrix));
+    L->exp_up = calloc((size_t)E, sizeof(tide_matrix));
+    L->exp_down = calloc((size_t)E, sizeof(tide_matrix));
+    if (!L->exp_gate || !L->exp_up || !L->exp_down)
+        return tide_errf(b->err, b->err_len, TIDE_ERR_NOMEM, "out of memory");
+    const char *lo = NULL, *hi = NULL;
+    for (int64_t e = 0; e < E; e++) {
+        const gguf_tensor_info *ts[3];
+        TRY(find(b, H, fe, 0, &ts[0], "blk.%d.ffn_gate.%lld.weight", il, (long long)e));
+        TRY(find(b, H, fe, 0, &ts[1], "blk.%d.ffn_up.%lld.weight", il, (long long)e));
+        TRY(find(b, fe, H, 0, &ts[2], "blk.%d.ffn_down.%lld.weight", il, (long long)e));
+        if (*expert_type < 0) *expert_type = ts[0]->type;
+        for (int k = 0; k < 3; k++) {
+            if (ts[k]->type != *expert_type)
+                return tide_errf(b->err, b->err_len, TIDE_ERR_MODEL,
+                                 "tensor '%s': type %s, but the routed experts are %s",
+                                 ts[k]->name, type_name(ts[k]->type), type_name(*expert_type));
+            const char *a = ts[k]->data, *z = a + ts[k]->nbytes;
+            if (!lo || a < lo) lo = a;
+            if (!hi || z > hi) hi = z;
+        }
+        L->exp_gate[e] = as_matrix(ts[0]);
+        L->exp_up[e] = as_matrix(ts[1]);
+        L->exp_down[e] = as_matrix(ts[2]);
+        if (*expert_bytes == 0) *expert_bytes = ts[0]->nbytes + ts[1]->nbytes + ts[2]->nbytes;
+    }
+    m->expert_range[il - hp->n_dense_lead] = lo;
+    m->expert_range_bytes[il - hp->n_dense_lead] = (size_t)(hi - lo);
+    return TIDE_OK;
+}
+
+/* The tokenizer's vocabulary must match the model's. */
+static tide_status check_vocab(gguf_file *g, int64_t n_vocab, char *err, size_t err_len) {
+    if (gguf_find_key(g, "tokenizer.ggml.tokens") < 0) return TIDE_OK;
+    int32_t et;
+    uint64_t n;
+    TRY(gguf_get_arr_info(g, "tokenizer.ggml.tokens", &et, &n, err, err_len));
+    if (n != (uint64_t)n_vocab)
+        return tide_errf(err, err_len, TIDE_ERR_MODEL,
+                         "tokenizer.ggml.tokens has %llu entries, expected vocab_size %lld",
+                         (unsigned long long)n, (long long)n_vocab);
+    return TIDE_OK;
+}
+
+/* Every tensor of the model, checked, as views into the mapping. */
+static tide_status bind_weights(tide_model *m, char *err, size_t err_len) {
+    tide_hparams *hp = &m->hp;
+    binder bind = {m->gguf, err, err_len, 0}, *b = &bind;
+    const int64_t H = hp->n_embd, V = hp->n_vocab;
+    MATRIX(m->w.token_embd, H, V, 0, "token_embd.weight");
+    VECTOR(m->w.output_norm, H, "output_norm.weight");
+    MATRIX(m->w.output, H, V, 0, "output.weight");
+    int32_t expert_type = -1;
+    uint64_t expert_bytes = 0;
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        tide_layer_weights *L = &m->w.layers[il];
+        TRY(bind_attention(b, hp, il, L));
+        if (il < hp->n_dense_lead) {
+            TRY(bind_dense(b, hp, il, L));
+        } else {
+            TRY(bind_moe(b, hp, il, L));
+            TRY(bind_experts(b, m, il, &expert_type, &expert_bytes));
+        }
+    }
+    hp->expert_type = expert_type < 0 ? TIDE_TYPE_F32 : expert_type;
+    hp->expert_bytes = expert_bytes;
+    hp->nonexpert_bytes = b->nonexpert;
+    return TIDE_OK;
+}
 
 tide_status tide_model_open(const char *path, tide_model **out, char *err, size_t err_len) {
     *out = NULL;
@@ -236,9 +373,8 @@ tide_status tide_model_open(const char *path, tide_model **out, char *err, size_
         free(m);
         return st;
     }
-    gguf_file *g = m->gguf;
     tide_hparams *hp = &m->hp;
-    CHECK(read_hparams(g, hp, err, err_len));
+    if ((st = read_hparams(m->gguf, hp, err, err_len)) != TIDE_OK) goto fail;
     m->n_moe = hp->n_layer - hp->n_dense_lead;
     m->w.layers = calloc((size_t)hp->n_layer, sizeof *m->w.layers);
     m->expert_range = calloc((size_t)(m->n_moe > 0 ? m->n_moe : 1), sizeof *m->expert_range);
@@ -247,168 +383,11 @@ tide_status tide_model_open(const char *path, tide_model **out, char *err, size_
         st = tide_errf(err, err_len, TIDE_ERR_NOMEM, "out of memory");
         goto fail;
     }
-    const int64_t H = hp->n_embd, hd = hp->head_dim, V = hp->n_vocab;
-    const int64_t nq = hp->n_head * hd, nkv = (int64_t)hp->n_head_kv * hd;
-    const int64_t E = hp->n_expert, fe = hp->n_ff_exp, fs = fe * hp->n_expert_shared;
-    char name[128];
-    const gguf_tensor_info *t;
-    uint64_t nonexpert = 0;
-    /* the tokenizer's vocabulary must match the model's */
-    if (gguf_find_key(g, "tokenizer.ggml.tokens") >= 0) {
-        int32_t et;
-        uint64_t n;
-        CHECK(gguf_get_arr_info(g, "tokenizer.ggml.tokens", &et, &n, err, err_len));
-        if (n != (uint64_t)V) {
-            st = tide_errf(err, err_len, TIDE_ERR_MODEL,
-                      "tokenizer.ggml.tokens has %llu entries, expected vocab_size %lld",
-                      (unsigned long long)n, (long long)V);
-            goto fail;
-        }
-    }
-
-    CHECK(tensor(g, "token_embd.weight", H, V, 0, &t, err, err_len));
-    m->w.token_embd = as_matrix(t);
-    nonexpert += t->nbytes;
-    CHECK(tensor(g, "output_norm.weight", H, -1, 1, &t, err, err_len));
-    m->w.output_norm = t->data;
-    nonexpert += t->nbytes;
-    CHECK(tensor(g, "output.weight", H, V, 0, &t, err, err_len));
-    m->w.output = as_matrix(t);
-    nonexpert += t->nbytes;
-
-    int32_t expert_type = -1;
-    uint64_t expert_bytes = 0;
-    for (int32_t il = 0; il < hp->n_layer; il++) {
-        tide_layer_weights *L = &m->w.layers[il];
-        T("blk.%d.attn_norm.weight", il);
-        CHECK(tensor(g, name, H, -1, 1, &t, err, err_len));
-        L->attn_norm = t->data;
-        nonexpert += t->nbytes;
-        T("blk.%d.attn_qkv.weight", il);
-        CHECK(tensor(g, name, H, nq + 2 * nkv, 0, &t, err, err_len));
-        nonexpert += t->nbytes;
-        tide_matrix qkv = as_matrix(t);
-        L->wq = row_range(qkv, 0, nq);
-        L->wk = row_range(qkv, nq, nkv);
-        L->wv = row_range(qkv, nq + nkv, nkv);
-        if (hp->qk_norm) {
-            T("blk.%d.attn_q_norm.weight", il);
-            CHECK(tensor(g, name, hd, -1, 1, &t, err, err_len));
-            L->q_norm = t->data;
-            nonexpert += t->nbytes;
-            T("blk.%d.attn_k_norm.weight", il);
-            CHECK(tensor(g, name, hd, -1, 1, &t, err, err_len));
-            L->k_norm = t->data;
-            nonexpert += t->nbytes;
-        }
-        T("blk.%d.attn_output.weight", il);
-        CHECK(tensor(g, name, nq, H, 0, &t, err, err_len));
-        L->wo = as_matrix(t);
-        nonexpert += t->nbytes;
-        T("blk.%d.ffn_norm.weight", il);
-        CHECK(tensor(g, name, H, -1, 1, &t, err, err_len));
-        L->ffn_norm = t->data;
-        nonexpert += t->nbytes;
-        if (il < hp->n_dense_lead) {
-            T("blk.%d.ffn_gate.weight", il);
-            CHECK(tensor(g, name, H, hp->n_ff, 0, &t, err, err_len));
-            L->ffn_gate = as_matrix(t);
-            nonexpert += t->nbytes;
-            T("blk.%d.ffn_up.weight", il);
-            CHECK(tensor(g, name, H, hp->n_ff, 0, &t, err, err_len));
-            L->ffn_up = as_matrix(t);
-            nonexpert += t->nbytes;
-            T("blk.%d.ffn_down.weight", il);
-            CHECK(tensor(g, name, hp->n_ff, H, 0, &t, err, err_len));
-            L->ffn_down = as_matrix(t);
-            nonexpert += t->nbytes;
-            continue;
-        }
-        T("blk.%d.ffn_gate_inp.weight", il);
-        CHECK(tensor(g, name, H, E, 1, &t, err, err_len));
-        L->router = as_matrix(t);
-        nonexpert += t->nbytes;
-        T("blk.%d.exp_probs_b.bias", il);
-        CHECK(tensor(g, name, E, -1, 1, &t, err, err_len));
-        L->router_bias = t->data;
-        nonexpert += t->nbytes;
-        if (fs > 0) {
-            T("blk.%d.ffn_gate_shexp.weight", il);
-            CHECK(tensor(g, name, H, fs, 0, &t, err, err_len));
-            L->shexp_gate = as_matrix(t);
-            nonexpert += t->nbytes;
-            T("blk.%d.ffn_up_shexp.weight", il);
-            CHECK(tensor(g, name, H, fs, 0, &t, err, err_len));
-            L->shexp_up = as_matrix(t);
-            nonexpert += t->nbytes;
-            T("blk.%d.ffn_down_shexp.weight", il);
-            CHECK(tensor(g, name, fs, H, 0, &t, err, err_len));
-            L->shexp_down = as_matrix(t);
-            nonexpert += t->nbytes;
-        }
-        L->exp_gate = calloc((size_t)E, sizeof(tide_matrix));
-        L->exp_up = calloc((size_t)E, sizeof(tide_matrix));
-        L->exp_down = calloc((size_t)E, sizeof(tide_matrix));
-        if (!L->exp_gate || !L->exp_up || !L->exp_down) {
-            st = tide_errf(err, err_len, TIDE_ERR_NOMEM, "out of memory");
-            goto fail;
-        }
-        const char *lo = NULL, *hi = NULL;
-        for (int64_t e = 0; e < E; e++) {
-            const gguf_tensor_info *tg, *tu, *td;
-            T("blk.%d.ffn_gate.%lld.weight", il, (long long)e);
-            CHECK(tensor(g, name, H, fe, 0, &tg, err, err_len));
-            T("blk.%d.ffn_up.%lld.weight", il, (long long)e);
-            CHECK(tensor(g, name, H, fe, 0, &tu, err, err_len));
-            T("blk.%d.ffn_down.%lld.weight", il, (long long)e);
-            CHECK(tensor(g, name, fe, H, 0, &td, err, err_len));
-            if (expert_type < 0) expert_type = tg->type;
-            const gguf_tensor_info *ts[3] = {tg, tu, td};
-            for (int k = 0; k < 3; k++) {
-                if (ts[k]->type != expert_type) {
-                    st = tide_errf(err, err_len, TIDE_ERR_MODEL,
-                              "tensor '%s': type %s, but the routed experts are %s", ts[k]->name,
-                              type_name(ts[k]->type), type_name(expert_type));
-                    goto fail;
-                }
-                const char *a = ts[k]->data, *b = a + ts[k]->nbytes;
-                if (!lo || a < lo) lo = a;
-                if (!hi || b > hi) hi = b;
-            }
-            L->exp_gate[e] = as_matrix(tg);
-            L->exp_up[e] = as_matrix(tu);
-            L->exp_down[e] = as_matrix(td);
-            if (expert_bytes == 0) expert_bytes = tg->nbytes + tu->nbytes + td->nbytes;
-        }
-        m->expert_range[il - hp->n_dense_lead] = lo;
-        m->expert_range_bytes[il - hp->n_dense_lead] = (size_t)(hi - lo);
-    }
-    hp->expert_type = expert_type < 0 ? TIDE_TYPE_F32 : expert_type;
-    hp->expert_bytes = expert_bytes;
-    hp->nonexpert_bytes = nonexpert;
+    if ((st = check_vocab(m->gguf, hp->n_vocab, err, err_len)) != TIDE_OK) goto fail;
+    if ((st = bind_weights(m, err, err_len)) != TIDE_OK) goto fail;
     *out = m;
     return TIDE_OK;
 fail:
-    model_free(m);
+    tide_model_close(m);
     return st;
-}
-
-tide_status tide_model_load(const char *path, tide_model **out, char *err, size_t err_len) {
-    if (err && err_len) err[0] = 0;
-    if (!out) return tide_errf(err, err_len, TIDE_ERR_ARG, "out is NULL");
-    return tide_model_open(path, out, err, err_len);
-}
-
-void tide_model_free(tide_model *model) { model_free(model); }
-
-void tide_model_hparams(const tide_model *model, tide_hparams *out) {
-    if (model && out) *out = model->hp;
-}
-
-tide_status tide_model_meta_string(const tide_model *model, const char *key, const char **out,
-                                   size_t *len) {
-    if (!model || !key || !out || !len) return TIDE_ERR_ARG;
-    if (gguf_find_key(model->gguf, key) < 0) return TIDE_ERR_ARG;
-    if (gguf_get_str(model->gguf, key, out, len, NULL, 0) != TIDE_OK) return TIDE_ERR_ARG;
-    return TIDE_OK;
 }

@@ -10,7 +10,8 @@
 #ifndef TIDE_MODEL_H
 #define TIDE_MODEL_H
 
-#include "backend.h"
+#include "backend/backend.h"
+#include "common.h"
 #include "gguf.h"
 #include "residency.h"
 #include "threadpool.h"
@@ -54,12 +55,17 @@ struct tide_model {
     size_t *expert_range_bytes; /* [n_moe] */
 };
 
-/* Parse and validate; on failure err names the cause. */
+/* model.c: parse and validate; on failure err names the cause. */
 tide_status tide_model_open(const char *path, tide_model **out, char *err, size_t err_len);
-/* Write a formatted message into the caller's buffer (if any) and return st: the error path of
- * every call that has no context yet. */
-tide_status tide_errf(char *err, size_t err_len, tide_status st, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
+void tide_model_close(tide_model *model);
+
+/* What a forward is for: the residency policy refreshes on steps only, and the trace records it
+ * (CONTRACTS.md section 4 uses the same numbers). */
+typedef enum {
+    TIDE_FORWARD_STEP = 0,   /* tide_step: the active block against the cache */
+    TIDE_FORWARD_COMMIT = 1, /* tide_commit: a finished block appended to the cache */
+    TIDE_FORWARD_LOGITS = 2, /* tide_logits: a whole sequence from position 0 */
+} tide_forward_kind;
 
 /* ---- run state: every activation buffer, named for what it holds (device memory) ----------- */
 typedef struct {
@@ -72,20 +78,21 @@ typedef struct {
     float *hb, *hb2;            /* [cap, max(n_ff, shared rows)] MLP hidden */
     float *router_logits;       /* [cap, E] */
     float *pairs;               /* [cap * n_used, H] routed expert outputs (device pair buffer); */
-    float *pairs_up;            /* [cap * n_used, H] right after it: host outputs, packed, uploaded */
+    float *pairs_from_host;     /* [cap * n_used, H] right after it: host outputs, packed, uploaded */
     float *pairs_cat;           /* [cap * n_used, H] both merged in pair order (gather_rows) */
     float *logits;              /* [logits_cap, vocab] */
     int32_t logits_cap;
-    /* host side */
-    float *h_x;                 /* [cap, H] host copy of the MoE input (host experts read it) */
-    float *h_pairs;             /* [cap * n_used, H] host pair buffer (packed unless on_host) */
-    int32_t *h_gather;          /* [cap * n_used] source row of each pair for pairs_cat */
-    float *h_router;            /* [cap, E] router logits, downloaded */
-    int32_t *h_ids;             /* [cap * n_used] chosen experts, k order */
-    float *h_w;                 /* [cap * n_used] their weights */
-    int32_t *h_rows;            /* [cap] scratch row list (wanted rows) */
-    float *h_logits;            /* [logits_cap, vocab] host logits for sampling */
-    int32_t h_logits_cap;
+    /* host memory */
+    float *host_x;              /* [cap, H] host copy of the MoE input (host experts read it) */
+    float *host_pairs;          /* [cap * n_used, H] host pair buffer (packed unless the backend
+                                   computes in host memory) */
+    int32_t *host_gather;       /* [cap * n_used] source row of each pair for pairs_cat */
+    float *host_router;         /* [cap, E] router logits, downloaded */
+    int32_t *host_ids;          /* [cap * n_used] chosen experts, k order */
+    float *host_w;              /* [cap * n_used] their weights */
+    int32_t *host_rows;         /* [cap] scratch row list (wanted rows) */
+    float *host_logits;         /* [logits_cap, vocab] host logits for sampling */
+    int32_t host_logits_cap;
 } tide_run;
 
 /* ---- per MoE layer: residency and its counters --------------------------------------------- */
@@ -107,12 +114,12 @@ typedef struct {
     tide_layer_stats st;        /* timers here; counters come from the residency module */
 } tide_moe_layer;
 
-/* The work lists moe.c builds per layer (host memory, sized once). */
+/* The work lists moe.c builds per layer (host memory, sized once): the pairs of experts computed
+ * on the device (_dev) and on the host (_host), grouped by expert. */
 typedef struct {
-    int32_t *pair_start_d, *pair_token_d, *pair_dest_d; /* device jobs */
-    int32_t *pair_start_h, *pair_token_h, *pair_dest_h; /* host jobs */
-    tide_matrix *gate_d, *up_d, *down_d, *gate_h, *up_h, *down_h; /* [n_expert] */
-    int32_t *count;             /* [n_expert] pairs per expert */
+    int32_t *pair_start_dev, *pair_token_dev, *pair_dest_dev;
+    int32_t *pair_start_host, *pair_token_host, *pair_dest_host;
+    tide_matrix *gate_dev, *up_dev, *down_dev, *gate_host, *up_host, *down_host; /* [n_expert] */
     int32_t *cursor;            /* [n_expert] */
     int32_t *job_of;            /* [n_expert] device job index of an expert, -1: host */
     uint8_t *served;            /* [n_expert] promotions served by a prefetch buffer */
@@ -134,7 +141,7 @@ struct tide_context {
     float **k_cache, **v_cache;
     tide_run run;
     /* residency */
-    int32_t policy, refresh_interval;
+    int32_t policy;             /* tide_policy in force (cpu on the cpu backend) */
     tide_residency res;         /* residency.h: who is in which slot, policy state, counters */
     int res_ready;
     tide_moe_layer *moe;        /* [n_moe] */
@@ -144,34 +151,35 @@ struct tide_context {
     char err[512];
 };
 
+/* Record a formatted message on the context and return st. */
+#define ctx_fail(ctx, st, ...) tide_errf((ctx)->err, sizeof (ctx)->err, (st), __VA_ARGS__)
+
+/* st unchanged; when it is an error, the backend's message (prefixed by `what`) goes on the
+ * context. Used as TRY(be_check(ctx, op->matmul(...), "q")). */
+static inline tide_status be_check(tide_context *ctx, tide_status st, const char *what) {
+    if (st == TIDE_OK) return TIDE_OK;
+    return ctx_fail(ctx, st, "%s: %s", what, ctx->be->err[0] ? ctx->be->err : "backend error");
+}
+
 /* forward.c: one forward of n tokens at positions n_past.. against the cache; writes K/V rows
- * n_past..n_past+n-1. want (may be NULL: none) selects rows for lm_head; logits of the wanted
- * rows land in run.logits [n_want, vocab]. kind: 0 step, 1 commit, 2 logits; step_in_block for
- * steps. */
+ * n_past..n_past+n-1. want_rows (n_want of them) select rows for lm_head; logits of the wanted
+ * rows land in run.logits [n_want, vocab]. step_in_block for steps (else -1). */
 tide_status tide_forward(tide_context *ctx, const int32_t *tokens, int32_t n, int32_t block_length,
-                         int kind, int32_t step_in_block, const int32_t *want_rows, int32_t n_want);
-
-/* context.c */
-tide_status tide_ctx_fail(tide_context *ctx, tide_status st, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-/* A backend error, with its message, on the context. */
-tide_status tide_ctx_be_fail(tide_context *ctx, tide_status st, const char *what);
-double tide_now(void);
-/* Grow the run buffers to n token rows and n_logits rows of logits. */
+                         tide_forward_kind kind, int32_t step_in_block, const int32_t *want_rows,
+                         int32_t n_want);
+/* The head of a step: token and probability of each of the n_want rows of run.logits, greedy
+ * through the backend or sampled on the host, into out_token[rows[j]] / out_prob[rows[j]]. */
+tide_status tide_forward_head(tide_context *ctx, int32_t n_want, const int32_t *rows,
+                              const tide_sampling *s, int32_t *out_token, float *out_prob);
+/* Grow the run buffers to n token rows and n_logits rows of logits (never shrunk). */
 tide_status tide_run_reserve(tide_context *ctx, int32_t n, int32_t n_logits);
+void tide_run_free(tide_context *ctx);
 
-/* moe.c */
-tide_status tide_moe_init(tide_context *ctx);
-void tide_moe_free(tide_context *ctx);
-/* Routed + shared experts of MoE layer il on the normed input xb [n, H]; adds into out [n, H]. */
-tide_status tide_moe_prefetch(tide_context *ctx, int32_t moe_layer, int32_t step_in_block);
-tide_status tide_moe_forward(tide_context *ctx, int32_t il, const float *xb, int32_t n, int kind,
-                             int32_t step_in_block, float *out);
-tide_status tide_moe_set_residency(tide_context *ctx, int32_t policy, const int32_t *budgets,
-                                   int32_t refresh_interval);
-/* Counters of the residency module: summed into out's counter fields, or one layer's. */
-void tide_moe_stats(const tide_context *ctx, tide_stats *out);
-void tide_moe_layer_stats(const tide_context *ctx, int32_t moe_layer, tide_layer_stats *out);
-void tide_moe_reset_stats(tide_context *ctx);
+/* context.c: a context over a model with checked parameters (api.c checks them); the caller's
+ * err buffer gets the cause of a failure. */
+tide_status tide_context_open(const tide_model *model, const tide_context_params *p,
+                              const int32_t *budgets, tide_context **out, char *err,
+                              size_t err_len);
+void tide_context_close(tide_context *ctx);
 
 #endif /* TIDE_MODEL_H */

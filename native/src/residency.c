@@ -5,23 +5,11 @@
  * ties lower id" is one qsort of integers with no ties left to break.
  */
 #include "residency.h"
+#include "common.h"
 
 #include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static tide_status res_fail(tide_residency *r, tide_status st, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static tide_status res_fail(tide_residency *r, tide_status st, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(r->err, sizeof r->err, fmt, ap);
-    va_end(ap);
-    return st;
-}
 
 const char *residency_error(const tide_residency *r) { return r->err; }
 
@@ -121,25 +109,35 @@ static void res_promote_profile(tide_residency *r, int32_t l) {
 
 /* ---- setup --------------------------------------------------------------------------------- */
 
+tide_status residency_check_args(int32_t n_layers, int32_t policy, const int32_t *budgets,
+                                 int32_t refresh_interval, char *err, size_t err_len) {
+    if (policy < TIDE_POLICY_GPU || policy > TIDE_POLICY_TIDE)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "residency: unknown policy %d", policy);
+    if (policy == TIDE_POLICY_TIDE && refresh_interval < 1)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "residency: refresh_interval %d, must be >= 1",
+                         refresh_interval);
+    for (int32_t l = 0; budgets && l < n_layers; l++)
+        if (budgets[l] < 0)
+            return tide_errf(err, err_len, TIDE_ERR_ARG, "residency: budgets[%d] = %d is negative",
+                             l, budgets[l]);
+    return TIDE_OK;
+}
+
 static tide_status res_check_policy(tide_residency *r, int32_t policy, const int32_t *budgets,
                                     int32_t refresh_interval) {
-    if (policy < TIDE_POLICY_GPU || policy > TIDE_POLICY_TIDE)
-        return res_fail(r, TIDE_ERR_ARG, "residency: unknown policy %d", policy);
-    if (policy == TIDE_POLICY_TIDE && refresh_interval < 1)
-        return res_fail(r, TIDE_ERR_ARG, "residency: refresh_interval %d, must be >= 1",
-                        refresh_interval);
-    for (int32_t l = 0; budgets && l < r->n_layers; l++)
-        if (budgets[l] < 0)
-            return res_fail(r, TIDE_ERR_ARG, "residency: budget of MoE layer %d is %d (negative)",
-                            l, budgets[l]);
-    return TIDE_OK;
+    return residency_check_args(r->n_layers, policy, budgets, refresh_interval, r->err,
+                                sizeof r->err);
+}
+
+int32_t residency_clamp_budget(int32_t policy, int32_t budget, int32_t n_expert) {
+    if (policy == TIDE_POLICY_GPU) return n_expert;
+    if (policy == TIDE_POLICY_CPU || budget < 0) return 0;
+    return budget < n_expert ? budget : n_expert;
 }
 
 static int32_t res_budget_for(const tide_residency *r, int32_t policy, const int32_t *budgets,
                               int32_t l) {
-    if (policy == TIDE_POLICY_GPU) return r->n_expert;
-    if (!budgets) return 0;
-    return budgets[l] < r->n_expert ? budgets[l] : r->n_expert;
+    return residency_clamp_budget(policy, budgets ? budgets[l] : 0, r->n_expert);
 }
 
 /* Start `policy` in every layer from R = {} (after demoting what is resident). */
@@ -193,7 +191,7 @@ static tide_status res_alloc(tide_residency *r) {
     if (!r->layers || !slot_of || !expert_in || !last_use || !r->moves || !r->jobs || !r->host ||
         !r->wave_of || !r->keys) {
         if (!r->layers) free(slot_of), free(expert_in), free(last_use);
-        return res_fail(r, TIDE_ERR_NOMEM, "residency: out of memory for %d layers x %d experts",
+        return tide_errf(r->err, sizeof r->err, TIDE_ERR_NOMEM, "residency: out of memory for %d layers x %d experts",
                         r->n_layers, r->n_expert);
     }
     for (size_t l = 0; l < L; l++) {
@@ -210,7 +208,7 @@ tide_status residency_init(tide_residency *r, int32_t n_layers, int32_t n_expert
                            uint64_t expert_bytes) {
     memset(r, 0, sizeof *r);
     if (n_layers < 1 || n_expert < 1 || n_expert > (1 << 24))
-        return res_fail(r, TIDE_ERR_ARG, "residency: %d MoE layers of %d experts", n_layers,
+        return tide_errf(r->err, sizeof r->err, TIDE_ERR_ARG, "residency: %d MoE layers of %d experts", n_layers,
                         n_expert);
     r->n_layers = n_layers;
     r->n_expert = n_expert;
@@ -246,15 +244,15 @@ void residency_free(tide_residency *r) {
 tide_status residency_set_popularity(tide_residency *r, const float *counts, size_t n) {
     size_t want = (size_t)r->n_layers * (size_t)r->n_expert;
     if (!counts || n != want)
-        return res_fail(r, TIDE_ERR_ARG, "popularity: %zu counts, expected %d layers x %d "
+        return tide_errf(r->err, sizeof r->err, TIDE_ERR_ARG, "popularity: %zu counts, expected %d layers x %d "
                         "experts = %zu", counts ? n : 0, r->n_layers, r->n_expert, want);
     for (size_t i = 0; i < n; i++)
         if (!isfinite(counts[i]) || counts[i] < 0)
-            return res_fail(r, TIDE_ERR_ARG, "popularity: count %g of layer %zu expert %zu is "
+            return tide_errf(r->err, sizeof r->err, TIDE_ERR_ARG, "popularity: count %g of layer %zu expert %zu is "
                             "not a finite number >= 0", (double)counts[i], i / (size_t)r->n_expert,
                             i % (size_t)r->n_expert);
     if (!r->popularity && !(r->popularity = malloc(want * sizeof *r->popularity)))
-        return res_fail(r, TIDE_ERR_NOMEM, "popularity: out of memory");
+        return tide_errf(r->err, sizeof r->err, TIDE_ERR_NOMEM, "popularity: out of memory");
     memcpy(r->popularity, counts, want * sizeof *counts);
     if (r->policy == TIDE_POLICY_STATIC) res_start(r);
     r->n_moves = r->n_jobs = r->n_host = 0;
@@ -371,15 +369,15 @@ static tide_status res_check_plan(tide_residency *r, int32_t layer, const int32_
                                   int32_t is_step, int32_t step_in_block,
                                   tide_residency_plan *out) {
     if (!res_layer(r, layer))
-        return res_fail(r, TIDE_ERR_ARG, "residency: MoE layer %d out of range (%d layers)", layer,
+        return tide_errf(r->err, sizeof r->err, TIDE_ERR_ARG, "residency: MoE layer %d out of range (%d layers)", layer,
                         r->n_layers);
-    if (!hits || !out) return res_fail(r, TIDE_ERR_ARG, "residency: hits or plan is NULL");
+    if (!hits || !out) return tide_errf(r->err, sizeof r->err, TIDE_ERR_ARG, "residency: hits or plan is NULL");
     if (is_step && step_in_block < 0)
-        return res_fail(r, TIDE_ERR_ARG, "residency: step_in_block %d is negative",
+        return tide_errf(r->err, sizeof r->err, TIDE_ERR_ARG, "residency: step_in_block %d is negative",
                         step_in_block);
     for (int32_t e = 0; e < r->n_expert; e++)
         if (hits[e] < 0)
-            return res_fail(r, TIDE_ERR_ARG, "residency: layer %d expert %d has %d hits", layer,
+            return tide_errf(r->err, sizeof r->err, TIDE_ERR_ARG, "residency: layer %d expert %d has %d hits", layer,
                             e, hits[e]);
     return TIDE_OK;
 }
@@ -405,7 +403,7 @@ tide_status residency_plan(tide_residency *r, int32_t layer, const int32_t *hits
 
 tide_status residency_take_pending(tide_residency *r, int32_t layer, tide_residency_plan *out) {
     if (!res_layer(r, layer) || !out)
-        return res_fail(r, TIDE_ERR_ARG, "residency: MoE layer %d out of range (%d layers)", layer,
+        return tide_errf(r->err, sizeof r->err, TIDE_ERR_ARG, "residency: MoE layer %d out of range (%d layers)", layer,
                         r->n_layers);
     r->n_moves = r->n_jobs = r->n_host = 0;
     res_emit_pending(r, &r->layers[layer]);
@@ -438,12 +436,6 @@ int32_t residency_slot(const tide_residency *r, int32_t layer, int32_t e) {
 int32_t residency_budget(const tide_residency *r, int32_t layer) {
     const tide_residency_layer *L = res_layer(r, layer);
     return L ? L->budget : -1;
-}
-
-int32_t residency_n_slots(const tide_residency *r, int32_t layer) {
-    const tide_residency_layer *L = res_layer(r, layer);
-    if (!L) return -1;
-    return r->policy == TIDE_POLICY_CPU ? 0 : L->budget;
 }
 
 int32_t residency_n_resident(const tide_residency *r, int32_t layer) {

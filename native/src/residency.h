@@ -1,8 +1,8 @@
 /* residency.h: which routed experts sit in device slots, per MoE layer (CONTRACTS.md section 3).
  *
- * Pure decision logic: no memory, no copies. moe.c owns the device slots and executes what this
- * module decides; tide_cpp/replay.py implements the same rules, and the counters here must
- * match it to the unit.
+ * Pure decision logic: no device memory, no copies. moe/slots.c owns the device slots and
+ * executes what this module decides. It is the only implementation of the policies: tide.h
+ * exports it as tide_residency_* (api.c) and tide_cpp/replay.py replays traces through it.
  *
  * Slots. Layer l has residency_budget(r, l) slots numbered 0..B-1. A resident expert occupies
  * exactly one slot; residency_slot(r, l, e) says which (-1: not resident, its weights are only in
@@ -98,7 +98,7 @@ typedef struct {
     tide_residency_counters c;
 } tide_residency_layer;
 
-typedef struct {
+struct tide_residency { /* typedef in tide.h */
     int32_t n_layers, n_expert;
     int32_t policy;            /* tide_policy */
     int32_t refresh_interval;  /* tide: tau >= 1 */
@@ -113,13 +113,23 @@ typedef struct {
     uint64_t *keys;             /* [n_expert] sort keys */
     int32_t n_moves, n_jobs, n_host;
     char err[256];
-} tide_residency;
+};
 
-/* Set up n_layers MoE layers of n_expert experts under `policy` with budgets[n_layers] slots
- * (NULL: 0 each). Budgets above n_expert are clamped to it (more slots change nothing); gpu
- * takes n_expert whatever the budget; cpu keeps (and reports, as the replay does) its budget but
- * never fills a slot: residency_n_slots says 0. refresh_interval must be >= 1 for `tide`
- * (ignored otherwise). gpu promotes every expert here (counted; pending uploads).
+/* The one budget rule. The slots a layer gets, and reports (tide_layer_stats.budget), under
+ * `policy` for a requested budget b >= 0: gpu n_expert whatever b; cpu 0 whatever b (it never
+ * fills a slot, so it holds none); static, swap, tide min(b, n_expert) (more slots than experts
+ * change nothing). */
+int32_t residency_clamp_budget(int32_t policy, int32_t budget, int32_t n_expert);
+
+/* The one check of residency settings: a known policy, budgets[n_layers] (may be NULL) >= 0,
+ * and refresh_interval >= 1 under `tide` (the only policy that reads it). TIDE_ERR_ARG with the
+ * cause in err. */
+tide_status residency_check_args(int32_t n_layers, int32_t policy, const int32_t *budgets,
+                                 int32_t refresh_interval, char *err, size_t err_len);
+
+/* Set up n_layers MoE layers of n_expert experts under `policy` with budgets[n_layers] requested
+ * slots (NULL: 0 each), clamped by residency_clamp_budget. refresh_interval must be >= 1 for
+ * `tide` (ignored otherwise). gpu promotes every expert here (counted; pending uploads).
  * On failure everything is freed and the message is in r->err. */
 tide_status residency_init(tide_residency *r, int32_t n_layers, int32_t n_expert, int32_t policy,
                            const int32_t *budgets, int32_t refresh_interval,
@@ -164,12 +174,8 @@ int32_t residency_predict_promotions(tide_residency *r, int32_t layer, const int
 /* ---- queries ------------------------------------------------------------------------------- */
 /* Slot of expert e in layer l, -1 if not resident (or out of range). */
 int32_t residency_slot(const tide_residency *r, int32_t layer, int32_t e);
-/* Slots of layer l (gpu: n_expert; others: the budget, clamped to n_expert), -1 if out of
- * range. */
+/* Slots of layer l (residency_clamp_budget of its requested budget), -1 if out of range. */
 int32_t residency_budget(const tide_residency *r, int32_t layer);
-/* Device slots layer l needs: the budget, except 0 for cpu (which never fills one). Allocate
- * this many; report residency_budget. -1 if out of range. */
-int32_t residency_n_slots(const tide_residency *r, int32_t layer);
 int32_t residency_n_resident(const tide_residency *r, int32_t layer);
 /* out[n_expert] = 1 if resident; n must be >= n_expert. */
 tide_status residency_resident(const tide_residency *r, int32_t layer, uint8_t *out, size_t n);

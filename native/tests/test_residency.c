@@ -113,8 +113,10 @@ static void take_pending(tide_residency *r) {
 static void test_cpu(void) {
     int32_t b[1] = {3};
     tide_residency r = make(1, 4, TIDE_POLICY_CPU, b, 4);
-    CHECK(residency_budget(&r, 0) == 3, "cpu reports its budget (as the replay does)");
-    CHECK(residency_n_slots(&r, 0) == 0, "but needs no slots");
+    CHECK(residency_budget(&r, 0) == 0, "cpu holds no slots whatever its budget");
+    CHECK(residency_clamp_budget(TIDE_POLICY_CPU, 3, 4) == 0, "the one budget rule: cpu");
+    CHECK(residency_clamp_budget(TIDE_POLICY_GPU, 0, 4) == 4, "the one budget rule: gpu");
+    CHECK(residency_clamp_budget(TIDE_POLICY_TIDE, 9, 4) == 4, "the one budget rule: clamp");
     STEP(&r, 0, 0, "", 0, 0, 0, 6, 1, 2, 3, 0);
     COMMIT(&r, 0, "", 0, 0, 0, 16, 4, 0, 0, 6);
     residency_free(&r);
@@ -288,7 +290,7 @@ static void test_layers_and_switch(void) {
     int32_t b[2] = {1, 10};
     tide_residency r = make(2, 4, TIDE_POLICY_TIDE, b, 4);
     CHECK(residency_budget(&r, 0) == 1 && residency_budget(&r, 1) == 4, "clamp");
-    CHECK(residency_n_slots(&r, 1) == 4 && residency_n_slots(&r, 2) == -1, "n_slots");
+    CHECK(residency_budget(&r, 2) == -1, "out of range");
     STEP(&r, 0, 0, "2", 1, 0, 5, 2, 1, 1, 5, 0);
     STEP(&r, 1, 0, "0 1 2", 3, 0, 7, 0, 1, 1, 5, 0);
     CHECK(residency_n_resident(&r, 0) == 1 && residency_n_resident(&r, 1) == 3, "n_resident");
@@ -315,7 +317,7 @@ static void test_errors(void) {
     CHECK(residency_init(&r, 2, 4, 9, b, 4, XB) == TIDE_ERR_ARG &&
               strstr(residency_error(&r), "unknown policy 9"), "%s", residency_error(&r));
     CHECK(residency_init(&r, 2, 4, TIDE_POLICY_TIDE, b, 4, XB) == TIDE_ERR_ARG &&
-              strstr(residency_error(&r), "budget of MoE layer 1 is -1"), "%s",
+              strstr(residency_error(&r), "budgets[1] = -1 is negative"), "%s",
           residency_error(&r));
     b[1] = 2;
     CHECK(residency_init(&r, 2, 4, TIDE_POLICY_TIDE, b, 0, XB) == TIDE_ERR_ARG &&

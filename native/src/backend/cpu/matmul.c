@@ -5,7 +5,7 @@
  * other tokens of the block pass. Every (row, token) dot has its own accumulator and the
  * canonical order of cpu_internal.h, so tiling never changes a bit.
  */
-#include "cpu/cpu_internal.h"
+#include "backend/cpu/cpu_internal.h"
 
 #include <stdlib.h>
 

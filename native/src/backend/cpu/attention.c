@@ -8,7 +8,7 @@
  * o[d] = fma(p_j, v_j[d], o[d]) for j ascending from o = 0, times 1/sum. So a query gives the
  * same bits alone or in any batch, with any thread count.
  */
-#include "cpu/cpu_internal.h"
+#include "backend/cpu/cpu_internal.h"
 
 #include <math.h>
 #include <stdlib.h>

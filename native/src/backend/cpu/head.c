@@ -1,5 +1,5 @@
 /* head.c: greedy head (argmax + softmax prob) and sampling (CONTRACTS.md section 2). */
-#include "cpu/cpu_internal.h"
+#include "backend/cpu/cpu_internal.h"
 
 #include <math.h>
 #include <stdlib.h>

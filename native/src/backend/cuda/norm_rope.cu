@@ -19,9 +19,9 @@ __global__ void k_rmsnorm(const float *x, const float *__restrict__ w, int32_t d
 tide_status launch_rmsnorm(tide_backend *be, const float *x, const float *weight, int32_t n_rows,
                            int32_t dim, float eps, float *y) {
     if (!x || !weight || !y || n_rows < 0 || dim <= 0)
-        return failf(be, TIDE_ERR_ARG, "rmsnorm: bad arguments (rows %d, dim %d)", n_rows, dim);
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "rmsnorm: bad arguments (rows %d, dim %d)", n_rows, dim);
     if (n_rows == 0) return TIDE_OK;
-    if (n_rows > 2147483647) return failf(be, TIDE_ERR_ARG, "rmsnorm: too many rows");
+    if (n_rows > 2147483647) return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "rmsnorm: too many rows");
     int threads = ((dim / 4 + 31) / 32) * 32;
     threads = threads < 32 ? 32 : (threads > 256 ? 256 : threads);
     TCU_LAUNCH(k_rmsnorm, (unsigned)n_rows, threads, 0, S(be)->compute)(x, weight, dim, eps, y);
@@ -56,7 +56,7 @@ tide_status launch_rope(tide_backend *be, float *x, int32_t n_tok, int64_t strid
                         int32_t head_dim, int32_t rope_dim, int32_t pos0, float theta) {
     if (!x || n_tok < 0 || n_head <= 0 || head_dim <= 0 || rope_dim < 0 || rope_dim > head_dim ||
         rope_dim % 2 != 0 || stride < (int64_t)n_head * head_dim || pos0 < 0)
-        return failf(be, TIDE_ERR_ARG, "rope: bad arguments (n_tok %d, n_head %d, head_dim %d, rope_dim %d)",
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "rope: bad arguments (n_tok %d, n_head %d, head_dim %d, rope_dim %d)",
                      n_tok, n_head, head_dim, rope_dim);
     const int64_t total = (int64_t)n_tok * n_head * (rope_dim / 2);
     if (total == 0) return TIDE_OK;

@@ -1,6 +1,11 @@
-/* backend.h: the seam between the forward pass and the hardware, in the manner of ggml's
- * ggml_backend_i. forward.c and moe.c call only these function pointers for device-side work, so
- * a backend (cpu, sim, cuda) touches nothing else.
+/* backend.h: the seam between the forward pass and the hardware, split as ggml splits it:
+ *   device  (tide_backend_device_i)  what the hardware is and can do: name, capability flags,
+ *                                    free memory
+ *   buffer  (tide_backend_buffer_i)  its memory and the copies between it and the host
+ *   ops     (tide_backend_ops_i)     the compute, enqueued on its stream
+ * forward.c and moe/ call only these function pointers for device-side work and ask the
+ * capability flags, never which backend it is. One folder per backend: cpu/ (whose kernels the
+ * host side of every backend uses too), sim/, cuda/.
  *
  * Conventions
  * - Activations are f32, row-major [n_rows, dim], in the backend's memory ("device pointers";
@@ -18,6 +23,7 @@
 #ifndef TIDE_BACKEND_H
 #define TIDE_BACKEND_H
 
+#include "common.h"
 #include "tide.h"
 #include <stdint.h>
 #include <stddef.h>
@@ -37,8 +43,24 @@ typedef struct {
     void *data;     /* in the memory of whoever computes with it */
 } tide_matrix;
 
-/* Bytes of one row of `cols` values of `type` (q8_0: cols/32 blocks of 34 bytes). */
-size_t tide_row_bytes(int32_t type, int64_t cols);
+/* q8_0 (ggml's layout): blocks of 32 values, an f16 scale then 32 int8, 34 bytes. */
+#define TIDE_QK8_0 32
+#define TIDE_Q8_0_BLOCK_BYTES 34
+
+/* The one row-size rule, for the C kernels, the CUDA kernels and the model loader: bytes of one
+ * row of `cols` values of `type`; 0 for an unknown type, negative cols, or a q8_0 row that is
+ * not a whole number of blocks (such a row has no valid layout). */
+static inline size_t tide_row_bytes(int32_t type, int64_t cols) {
+    if (cols < 0) return 0;
+    switch (type) {
+    case TIDE_TYPE_F32: return (size_t)cols * 4;
+    case TIDE_TYPE_F16:
+    case TIDE_TYPE_BF16: return (size_t)cols * 2;
+    case TIDE_TYPE_Q8_0:
+        return cols % TIDE_QK8_0 ? 0 : (size_t)(cols / TIDE_QK8_0) * TIDE_Q8_0_BLOCK_BYTES;
+    default: return 0;
+    }
+}
 
 /* One MoE layer's work for one backend: a list of experts, each with the pairs routed to it.
  * Pair p of job j (p in pair_start[j] .. pair_start[j+1]-1) reads input row x[pair_token[p]]
@@ -65,11 +87,28 @@ typedef struct {
     int64_t kv_stride;
 } tide_attn_shape;
 
-typedef struct tide_backend_i {
-    const char *name;
-    void (*free)(tide_backend *be);
+/* What a backend can do; the core asks these, never which backend it is. */
+enum {
+    /* Its memory is host memory, read in place: weights are used from the mapping (no copy),
+     * host experts write straight into the pair buffer, nothing is ever resident. (cpu) */
+    TIDE_BACKEND_HOST_MEMORY = 1u << 0,
+    /* Ops and copies are enqueued and return before they run: host clocks around them time the
+     * enqueue only, so per-phase timers stay off. (cuda) */
+    TIDE_BACKEND_ASYNC = 1u << 1,
+    /* pin_host makes host memory fast and asynchronous to copy from (cudaHostRegister); worth
+     * registering the experts' host ranges once. (cuda) */
+    TIDE_BACKEND_PINNABLE_HOST = 1u << 2,
+};
 
-    /* ---- memory ---- */
+typedef struct {
+    const char *name;
+    uint32_t caps;                  /* TIDE_BACKEND_* */
+    void (*free)(tide_backend *be);
+    /* Bytes free on the device now (cpu/sim: host RAM available). */
+    tide_status (*mem_free)(tide_backend *be, uint64_t *free_bytes, uint64_t *total_bytes);
+} tide_backend_device_i;
+
+typedef struct {
     tide_status (*alloc)(tide_backend *be, size_t n, void **ptr);     /* device memory */
     void (*dealloc)(tide_backend *be, void *ptr);
     tide_status (*upload)(tide_backend *be, void *dst, const void *src, size_t n);   /* sync */
@@ -84,12 +123,14 @@ typedef struct tide_backend_i {
     tide_status (*transfer_fence)(tide_backend *be, int32_t *fence);
     tide_status (*compute_wait_fence)(tide_backend *be, int32_t fence);
     tide_status (*transfer_sync)(tide_backend *be);
-    /* Make [ptr, ptr+n) of host memory fast to copy from (cudaHostRegister); may be a no-op. */
+    /* Make [ptr, ptr+n) of host memory fast to copy from (TIDE_BACKEND_PINNABLE_HOST); a no-op
+     * elsewhere. */
     tide_status (*pin_host)(tide_backend *be, void *ptr, size_t n);
-    tide_status (*synchronize)(tide_backend *be);
-    /* Bytes free on the device now (cpu/sim: host RAM available). */
-    tide_status (*mem_free)(tide_backend *be, uint64_t *free_bytes, uint64_t *total_bytes);
+} tide_backend_buffer_i;
 
+typedef struct {
+    /* Wait for every op enqueued so far. */
+    tide_status (*synchronize)(tide_backend *be);
     /* ---- ops (device pointers) ---- */
     /* y[n, w.rows] = x[n, w.cols] @ W^T */
     tide_status (*matmul)(tide_backend *be, const tide_matrix *w, const float *x, int32_t n, float *y);
@@ -107,8 +148,6 @@ typedef struct tide_backend_i {
     tide_status (*add)(tide_backend *be, float *y, const float *x, int64_t n);
     /* g[i] = silu(g[i]) * u[i] */
     tide_status (*silu_mul)(tide_backend *be, float *g, const float *u, int64_t n);
-    /* copy n floats device to device */
-    tide_status (*copy)(tide_backend *be, float *dst, const float *src, int64_t n);
     /* dst[i] = src[rows[i]] for rows of dim floats; rows in host memory */
     tide_status (*gather_rows)(tide_backend *be, float *dst, const float *src, const int32_t *rows,
                                int32_t n_rows, int32_t dim);
@@ -122,17 +161,32 @@ typedef struct tide_backend_i {
      * probability, into host arrays. */
     tide_status (*argmax_prob)(tide_backend *be, const float *logits, int32_t n, int32_t n_vocab,
                                int32_t *out_token, float *out_prob);
-} tide_backend_i;
+} tide_backend_ops_i;
 
 struct tide_backend {
-    const tide_backend_i *i;
+    const tide_backend_device_i *dev;
+    const tide_backend_buffer_i *buf;
+    const tide_backend_ops_i *ops;
+    struct tide_pool *pool;  /* the host thread pool of the cpu kernels (cpu, sim); NULL for cuda */
     void *impl;              /* backend private state */
     char err[512];           /* last error message */
 };
 
-/* Constructors. n_threads for the cpu pool the backend may use. */
-tide_status tide_backend_cpu_new(int32_t n_threads, struct tide_pool *pool, tide_backend **out);
-tide_status tide_backend_sim_new(int32_t n_threads, struct tide_pool *pool, uint64_t memory, tide_backend **out);
+/* The cpu backend's ops, which the sim backend computes with too (backend_cpu.c). */
+extern const tide_backend_ops_i tide_cpu_ops;
+/* Host RAM available and total (cpu/sim free memory). */
+tide_status tide_host_mem(uint64_t *free_bytes, uint64_t *total_bytes);
+/* The transfers of host memory, complete when they return (cpu; sim around its allocator):
+ * memcpy, fences that are already passed, nothing to wait for or pin. */
+tide_status tide_host_copy(tide_backend *be, void *dst, const void *src, size_t n);
+tide_status tide_host_fence(tide_backend *be, int32_t *fence);
+tide_status tide_host_wait_fence(tide_backend *be, int32_t fence);
+tide_status tide_host_nop(tide_backend *be);
+tide_status tide_host_pin(tide_backend *be, void *ptr, size_t n);
+
+/* Constructors. The cpu kernels run on `pool` (the context's). */
+tide_status tide_backend_cpu_new(struct tide_pool *pool, tide_backend **out);
+tide_status tide_backend_sim_new(struct tide_pool *pool, uint64_t memory, tide_backend **out);
 #ifdef TIDE_CUDA
 tide_status tide_backend_cuda_new(int32_t device, uint64_t memory, tide_backend **out, char *err, size_t err_len);
 int tide_backend_cuda_available(char *err, size_t err_len);

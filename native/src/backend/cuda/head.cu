@@ -85,7 +85,7 @@ k_argmax_prob(const float *__restrict__ logits, int32_t n_vocab, bool vec, int32
 tide_status launch_argmax_prob(tide_backend *be, const float *logits, int32_t n, int32_t n_vocab,
                                int32_t *out_token, float *out_prob) {
     if (!logits || n < 0 || n_vocab <= 0 || (n > 0 && (!out_token || !out_prob)))
-        return failf(be, TIDE_ERR_ARG, "argmax_prob: bad arguments (n %d, n_vocab %d)", n, n_vocab);
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "argmax_prob: bad arguments (n %d, n_vocab %d)", n, n_vocab);
     if (n == 0) return TIDE_OK;
     state *st = S(be);
     const size_t need = (size_t)n * 8;

@@ -27,13 +27,12 @@
 #ifndef TIDE_CPU_KERNELS_H
 #define TIDE_CPU_KERNELS_H
 
-#include "backend.h"
+#include "backend/backend.h"
 #include "threadpool.h"
 #include <stddef.h>
 #include <stdint.h>
 
 /* ---- types and conversions (convert_types.c) ------------------------------------------------ */
-#define TIDE_QK8_0 32
 /* ggml's block_q8_0: value i = f16(d) * qs[i]. sizeof == 34, no padding. */
 typedef struct {
     uint16_t d;
@@ -43,7 +42,6 @@ typedef struct {
 /* 1 for f32, f16, bf16, q8_0. */
 int tide_type_valid(int32_t type);
 /* Bytes of one row (backend.h); 0 for an unknown type or q8_0 with cols % 32 != 0. */
-/* size_t tide_row_bytes(int32_t type, int64_t cols);  -- declared in backend.h */
 
 /* Exact scalar conversions. f32 -> f16/bf16 round to nearest even, keep NaN a NaN, overflow to
  * inf (f16). */
@@ -59,8 +57,6 @@ void cpu_f32_to_f16_row(const tide_cpu_features *f, const float *x, uint16_t *y,
 void cpu_bf16_to_f32_row(const tide_cpu_features *f, const uint16_t *x, float *y, int64_t n);
 void cpu_f32_to_bf16_row(const tide_cpu_features *f, const float *x, uint16_t *y, int64_t n);
 
-/* One row of `cols` values of `type` to f32 (q8_0: d * q). TIDE_ERR_ARG for a bad type/cols. */
-tide_status cpu_row_to_f32(int32_t type, const void *row, int64_t cols, float *out);
 /* Quantize one row to q8_0 exactly as ggml / gguf.quants (d = amax/127 in f32, q = round half
  * away from zero of x/d, d stored as f16). cols % 32 == 0. For tests and tools. */
 tide_status cpu_quantize_row_q8_0(const float *x, int64_t cols, void *out);
@@ -105,7 +101,6 @@ tide_status cpu_attention(tide_pool *pool, const tide_attn_shape *s, const float
 /* ---- elementwise (norm_rope.c) -------------------------------------------------------------- */
 void cpu_add(tide_pool *pool, float *y, const float *x, int64_t n);        /* y += x */
 void cpu_silu_mul(tide_pool *pool, float *g, const float *u, int64_t n);   /* g = g/(1+e^-g) * u */
-void cpu_copy(tide_pool *pool, float *dst, const float *src, int64_t n);   /* memmove */
 /* dst[i] = src[rows[i]], rows of dim floats */
 void cpu_gather_rows(tide_pool *pool, float *dst, const float *src, const int32_t *rows,
                      int32_t n_rows, int32_t dim);

@@ -1,5 +1,5 @@
 /* norm_rope.c: RMSNorm, per-head RMSNorm, NeoX RoPE and the elementwise ops. */
-#include "cpu/cpu_internal.h"
+#include "backend/cpu/cpu_internal.h"
 
 #include <math.h>
 
@@ -160,12 +160,6 @@ void cpu_silu_mul(tide_pool *pool, float *g, const float *u, int64_t n) {
         silu_mul_range(&j, 0, n);
     else
         tide_pool_for(pool, n, silu_mul_range, &j);
-}
-
-void cpu_copy(tide_pool *pool, float *dst, const float *src, int64_t n) {
-    (void)pool; /* one memmove saturates memory bandwidth */
-    if (n > 0 && dst != src)
-        memmove(dst, src, (size_t)n * sizeof(float));
 }
 
 void cpu_gather_rows(tide_pool *pool, float *dst, const float *src, const int32_t *rows,

@@ -75,11 +75,11 @@ static tide_status launch_typed(tide_backend *be, const tide_matrix *w, const fl
 
 tide_status launch_matmul(tide_backend *be, const tide_matrix *w, const float *x, int32_t n, float *y) {
     if (!w || !x || !y || n < 0 || w->rows <= 0 || w->cols <= 0)
-        return failf(be, TIDE_ERR_ARG, "matmul: bad arguments (n=%d)", n);
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "matmul: bad arguments (n=%d)", n);
     if (n == 0) return TIDE_OK;
-    size_t rb = row_bytes(w->type, w->cols);
-    if (rb == 0 || (w->type == TIDE_TYPE_Q8_0 && w->cols % 32 != 0))
-        return failf(be, TIDE_ERR_UNSUPPORTED, "matmul: weight type %d with %lld columns not supported",
+    size_t rb = tide_row_bytes(w->type, w->cols);
+    if (rb == 0) /* the shared row rule: unknown type, or q8_0 not a whole number of blocks */
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED, "matmul: weight type %d with %lld columns not supported",
                      (int)w->type, (long long)w->cols);
     /* 16-byte loads when the weight rows (not q8_0) and the activation rows are 16-byte aligned */
     bool vec = ((uintptr_t)x & 15) == 0 && w->cols % 8 == 0;
@@ -90,7 +90,7 @@ tide_status launch_matmul(tide_backend *be, const tide_matrix *w, const float *x
     case TIDE_TYPE_BF16: return launch_typed<TIDE_TYPE_BF16>(be, w, x, n, y, rb, vec);
     case TIDE_TYPE_Q8_0: return launch_typed<TIDE_TYPE_Q8_0>(be, w, x, n, y, rb, vec);
     }
-    return failf(be, TIDE_ERR_UNSUPPORTED, "matmul: unknown weight type %d", (int)w->type);
+    return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED, "matmul: unknown weight type %d", (int)w->type);
 }
 
 } // namespace tide_cuda

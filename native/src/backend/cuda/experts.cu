@@ -108,54 +108,54 @@ static tide_status launch_typed(tide_backend *be, const job_desc *jobs_d, int32_
 tide_status launch_experts(tide_backend *be, const tide_expert_batch *b, const float *x, int32_t dim,
                            float *out) {
     if (!b || !x || !out || dim <= 0 || b->n_jobs < 0)
-        return failf(be, TIDE_ERR_ARG, "experts: bad arguments");
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "experts: bad arguments");
     if (b->n_jobs == 0) return TIDE_OK;
-    if (b->n_jobs > 65535) return failf(be, TIDE_ERR_ARG, "experts: %d jobs (at most 65535)", b->n_jobs);
+    if (b->n_jobs > 65535) return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "experts: %d jobs (at most 65535)", b->n_jobs);
     const int32_t n_jobs = b->n_jobs;
     const int32_t n_pairs = b->pair_start[n_jobs];
     if (b->pair_start[0] < 0 || n_pairs < b->pair_start[0])
-        return failf(be, TIDE_ERR_ARG, "experts: bad pair_start (%d .. %d)", b->pair_start[0], n_pairs);
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "experts: bad pair_start (%d .. %d)", b->pair_start[0], n_pairs);
     if (n_pairs == b->pair_start[0]) return TIDE_OK;
     for (int32_t p = b->pair_start[0]; p < n_pairs; p++)
         if (b->pair_token[p] < 0 || b->pair_dest[p] < 0)
-            return failf(be, TIDE_ERR_ARG, "experts: pair %d has token %d, dest %d", p, b->pair_token[p],
+            return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "experts: pair %d has token %d, dest %d", p, b->pair_token[p],
                          b->pair_dest[p]);
 
     /* every job: same type and shapes, gate/up [n_ff, dim], down [dim, n_ff] */
     const int32_t type = b->gate[0].type;
     const int64_t n_ff = b->gate[0].rows;
-    if (n_ff <= 0 || n_ff > INT32_MAX) return failf(be, TIDE_ERR_ARG, "experts: bad n_ff %lld", (long long)n_ff);
+    if (n_ff <= 0 || n_ff > INT32_MAX) return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "experts: bad n_ff %lld", (long long)n_ff);
     bool aligned = true;
     std::vector<job_desc> jobs;
     try {
         jobs.resize((size_t)n_jobs);
     } catch (...) {
-        return failf(be, TIDE_ERR_NOMEM, "experts: host out of memory");
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_NOMEM, "experts: host out of memory");
     }
     for (int32_t j = 0; j < n_jobs; j++) {
         const tide_matrix *g = &b->gate[j], *u = &b->up[j], *d = &b->down[j];
         if (g->type != type || u->type != type || d->type != type)
-            return failf(be, TIDE_ERR_UNSUPPORTED, "experts: job %d mixes weight types (%d, %d, %d; first job %d)",
+            return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED, "experts: job %d mixes weight types (%d, %d, %d; first job %d)",
                          j, (int)g->type, (int)u->type, (int)d->type, (int)type);
         if (g->rows != n_ff || u->rows != n_ff || g->cols != dim || u->cols != dim || d->rows != dim ||
             d->cols != n_ff)
-            return failf(be, TIDE_ERR_ARG,
+            return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG,
                          "experts: job %d shapes gate %lldx%lld up %lldx%lld down %lldx%lld, expected "
                          "%lldx%d, %lldx%d, %dx%lld",
                          j, (long long)g->rows, (long long)g->cols, (long long)u->rows, (long long)u->cols,
                          (long long)d->rows, (long long)d->cols, (long long)n_ff, dim, (long long)n_ff,
                          dim, dim, (long long)n_ff);
         if (b->pair_start[j + 1] < b->pair_start[j])
-            return failf(be, TIDE_ERR_ARG, "experts: pair_start decreases at job %d", j);
+            return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "experts: pair_start decreases at job %d", j);
         if (!g->data || !u->data || !d->data)
-            return failf(be, TIDE_ERR_ARG, "experts: job %d has a NULL weight", j);
+            return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "experts: job %d has a NULL weight", j);
         aligned = aligned && (((uintptr_t)g->data | (uintptr_t)u->data | (uintptr_t)d->data) & 15) == 0;
         jobs[(size_t)j] = job_desc{(const char *)g->data, (const char *)u->data, (const char *)d->data,
                                    b->pair_start[j], b->pair_start[j + 1]};
     }
-    const size_t rb_gu = row_bytes(type, dim), rb_d = row_bytes(type, n_ff);
-    if (rb_gu == 0 || (type == TIDE_TYPE_Q8_0 && (dim % 32 != 0 || n_ff % 32 != 0)))
-        return failf(be, TIDE_ERR_UNSUPPORTED, "experts: weight type %d with dims %d, %lld not supported",
+    const size_t rb_gu = tide_row_bytes(type, dim), rb_d = tide_row_bytes(type, n_ff);
+    if (rb_gu == 0 || rb_d == 0) /* the shared row rule (backend.h) */
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED, "experts: weight type %d with dims %d, %lld not supported",
                      (int)type, dim, (long long)n_ff);
 
     state *st = S(be);
@@ -191,7 +191,7 @@ tide_status launch_experts(tide_backend *be, const tide_expert_batch *b, const f
         return launch_typed<TIDE_TYPE_Q8_0>(be, jd, n_jobs, td, dd, x, dim, (int32_t)n_ff, rb_gu, rb_d,
                                             vec_gu, vec_d, st->hidden, out);
     }
-    return failf(be, TIDE_ERR_UNSUPPORTED, "experts: unknown weight type %d", (int)type);
+    return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED, "experts: unknown weight type %d", (int)type);
 }
 
 } // namespace tide_cuda

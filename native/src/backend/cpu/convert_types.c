@@ -1,5 +1,5 @@
 /* convert_types.c: f16/bf16 <-> f32, q8_0 rows, row sizes, embedding lookup. */
-#include "cpu/kernels.h"
+#include "backend/cpu/kernels.h"
 
 #include <math.h>
 #include <string.h>
@@ -9,26 +9,11 @@
 #define TIDE_X86 1
 #endif
 
-_Static_assert(sizeof(tide_block_q8_0) == 34, "block_q8_0 must be 34 bytes as in ggml");
+_Static_assert(sizeof(tide_block_q8_0) == TIDE_Q8_0_BLOCK_BYTES, "block_q8_0 must be 34 bytes as in ggml");
 
 int tide_type_valid(int32_t type) {
     return type == TIDE_TYPE_F32 || type == TIDE_TYPE_F16 || type == TIDE_TYPE_BF16 ||
            type == TIDE_TYPE_Q8_0;
-}
-
-size_t tide_row_bytes(int32_t type, int64_t cols) {
-    if (cols < 0)
-        return 0;
-    switch (type) {
-    case TIDE_TYPE_F32: return (size_t)cols * 4;
-    case TIDE_TYPE_F16:
-    case TIDE_TYPE_BF16: return (size_t)cols * 2;
-    case TIDE_TYPE_Q8_0:
-        if (cols % TIDE_QK8_0)
-            return 0;
-        return (size_t)(cols / TIDE_QK8_0) * sizeof(tide_block_q8_0);
-    default: return 0;
-    }
 }
 
 static inline uint32_t f32_bits(float f) {
@@ -171,7 +156,7 @@ void cpu_f32_to_bf16_row(const tide_cpu_features *f, const float *x, uint16_t *y
         y[i] = tide_f32_to_bf16(x[i]);
 }
 
-/* cpu_row_to_f32 with the features given (cpuid is slow in a VM: not once per row) */
+/* One row to f32 with the features given (cpuid is slow in a VM: not once per row). */
 static void row_to_f32(const tide_cpu_features *fp, int32_t type, const void *row, int64_t cols,
                        float *out) {
     tide_cpu_features f = *fp;
@@ -189,16 +174,6 @@ static void row_to_f32(const tide_cpu_features *fp, int32_t type, const void *ro
         break;
     }
     }
-}
-
-tide_status cpu_row_to_f32(int32_t type, const void *row, int64_t cols, float *out) {
-    if (!row || !out || !tide_type_valid(type) || cols < 0 ||
-        (cols > 0 && tide_row_bytes(type, cols) == 0))
-        return TIDE_ERR_ARG;
-    tide_cpu_features f;
-    tide_cpu_detect(&f);
-    row_to_f32(&f, type, row, cols, out);
-    return TIDE_OK;
 }
 
 tide_status cpu_quantize_row_q8_0(const float *x, int64_t cols, void *out) {

@@ -37,16 +37,8 @@ static const size_t SMALL_UPLOAD = 32u << 10;   /* sync uploads up to this go th
 static double mib(uint64_t b) { return (double)b / (1024.0 * 1024.0); }
 
 tide_status fail(tide_backend *be, cudaError_t e, const char *what) {
-    snprintf(be->err, sizeof be->err, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
-    return TIDE_ERR_DEVICE;
-}
-
-tide_status failf(tide_backend *be, tide_status st, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(be->err, sizeof be->err, fmt, ap);
-    va_end(ap);
-    return st;
+    return tide_errf(be->err, sizeof be->err, TIDE_ERR_DEVICE, "%s: %s (%s)", what,
+                     cudaGetErrorString(e), cudaGetErrorName(e));
 }
 
 tide_status use_device(tide_backend *be) {
@@ -61,7 +53,7 @@ static tide_status out_of_memory(tide_backend *be, size_t need) {
     if (cudaMemGetInfo(&dev_free, &dev_total) != cudaSuccess) (void)cudaGetLastError();
     uint64_t left = st->budget > st->used ? st->budget - st->used : 0;
     uint64_t free_now = left < (uint64_t)dev_free ? left : (uint64_t)dev_free;
-    return failf(be, TIDE_ERR_DEVICE, "device out of memory: needed %.1f MiB, free %.1f MiB (budget %.1f MiB)",
+    return tide_errf(be->err, sizeof be->err, TIDE_ERR_DEVICE, "device out of memory: needed %.1f MiB, free %.1f MiB (budget %.1f MiB)",
                  mib(need), mib(free_now), mib(st->budget));
 }
 
@@ -81,7 +73,7 @@ tide_status dev_alloc(tide_backend *be, size_t n, void **ptr) {
         (*st->allocs)[p] = rounded;
     } catch (...) {
         cudaFree(p);
-        return failf(be, TIDE_ERR_NOMEM, "host out of memory (allocation table)");
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_NOMEM, "host out of memory (allocation table)");
     }
     st->used += rounded;
     *ptr = p;
@@ -292,7 +284,7 @@ static tide_status be_compute_wait_fence(tide_backend *be, int32_t fence) {
     tide_status rc = use_device(be);
     if (rc != TIDE_OK) return rc;
     state *st = S(be);
-    if (fence < 0) return failf(be, TIDE_ERR_ARG, "compute_wait_fence: bad fence %d", fence);
+    if (fence < 0) return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "compute_wait_fence: bad fence %d", fence);
     /* a fence older than the ring waits on a later point of the transfer stream: still correct */
     TCU_CHECK(be, "compute_wait_fence: cudaStreamWaitEvent",
               cudaStreamWaitEvent(st->compute, st->fences[fence % N_FENCES], 0));
@@ -323,14 +315,13 @@ static tide_status be_pin_host(tide_backend *be, void *ptr, size_t n) {
     if (e != cudaSuccess) {
         /* not fatal: upload_async falls back to the staging buffers */
         (void)cudaGetLastError();
-        st->pin_failures++;
         return TIDE_OK;
     }
     try {
         st->pinned->push_back(host_region{lo, hi});
     } catch (...) {
         cudaHostUnregister((void *)lo);
-        return failf(be, TIDE_ERR_NOMEM, "host out of memory (pinned region table)");
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_NOMEM, "host out of memory (pinned region table)");
     }
     return TIDE_OK;
 }
@@ -384,13 +375,6 @@ static tide_status be_add(tide_backend *be, float *y, const float *x, int64_t n)
 static tide_status be_silu_mul(tide_backend *be, float *g, const float *u, int64_t n) {
     TCU_OP(launch_silu_mul(be, g, u, n));
 }
-static tide_status be_copy(tide_backend *be, float *dst, const float *src, int64_t n) {
-    tide_status rc = use_device(be);
-    if (rc != TIDE_OK || n <= 0 || dst == src) return rc;
-    TCU_CHECK(be, "copy: cudaMemcpyAsync",
-              cudaMemcpyAsync(dst, src, (size_t)n * sizeof(float), cudaMemcpyDeviceToDevice, S(be)->compute));
-    return TIDE_OK;
-}
 static tide_status be_gather_rows(tide_backend *be, float *dst, const float *src, const int32_t *rows,
                                   int32_t n_rows, int32_t dim) {
     TCU_OP(launch_gather_rows(be, dst, src, rows, n_rows, dim));
@@ -408,9 +392,15 @@ static tide_status be_argmax_prob(tide_backend *be, const float *logits, int32_t
     TCU_OP(launch_argmax_prob(be, logits, n, n_vocab, out_token, out_prob));
 }
 
-static const tide_backend_i CUDA_I = {
+/* C++17 has no designated initializers: the fields in declaration order (backend.h). */
+static const tide_backend_device_i CUDA_DEVICE = {
     /* name */ "cuda",
+    /* caps */ TIDE_BACKEND_ASYNC | TIDE_BACKEND_PINNABLE_HOST,
     /* free */ be_free,
+    /* mem_free */ be_mem_free,
+};
+
+static const tide_backend_buffer_i CUDA_BUFFER = {
     /* alloc */ be_alloc,
     /* dealloc */ be_dealloc,
     /* upload */ be_upload,
@@ -421,15 +411,16 @@ static const tide_backend_i CUDA_I = {
     /* compute_wait_fence */ be_compute_wait_fence,
     /* transfer_sync */ be_transfer_sync,
     /* pin_host */ be_pin_host,
+};
+
+static const tide_backend_ops_i CUDA_OPS = {
     /* synchronize */ be_synchronize,
-    /* mem_free */ be_mem_free,
     /* matmul */ be_matmul,
     /* rmsnorm */ be_rmsnorm,
     /* rope */ be_rope,
     /* attention */ be_attention,
     /* add */ be_add,
     /* silu_mul */ be_silu_mul,
-    /* copy */ be_copy,
     /* gather_rows */ be_gather_rows,
     /* experts */ be_experts,
     /* moe_combine */ be_moe_combine,
@@ -548,7 +539,9 @@ extern "C" tide_status tide_backend_cuda_new(int32_t device, uint64_t memory, ti
         if (err && err_len) snprintf(err, err_len, "host out of memory");
         return TIDE_ERR_NOMEM;
     }
-    be->i = &CUDA_I;
+    be->dev = &CUDA_DEVICE;
+    be->buf = &CUDA_BUFFER;
+    be->ops = &CUDA_OPS;
     be->impl = st;
     st->device = device;
     st->sm_count = prop.multiProcessorCount > 0 ? prop.multiProcessorCount : 1;
@@ -559,7 +552,7 @@ extern "C" tide_status tide_backend_cuda_new(int32_t device, uint64_t memory, ti
     size_t dev_free_b = 0, dev_total_b = 0;
     cudaFuncAttributes fa;
     if (!st->allocs || !st->pinned) {
-        rc = failf(be, TIDE_ERR_NOMEM, "host out of memory");
+        rc = tide_errf(be->err, sizeof be->err, TIDE_ERR_NOMEM, "host out of memory");
         goto fail;
     }
 #define NEW_CHECK(what, call)                                                                      \
@@ -574,7 +567,7 @@ extern "C" tide_status tide_backend_cuda_new(int32_t device, uint64_t memory, ti
     e = cudaFuncGetAttributes(&fa, k_probe);
     if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction) {
         (void)cudaGetLastError();
-        rc = failf(be, TIDE_ERR_UNSUPPORTED,
+        rc = tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED,
                    "this build has no kernels for %s (compute capability %d.%d): rebuild with CUDA_ARCHS "
                    "naming sm_%d%d",
                    prop.name, prop.major, prop.minor, prop.major, prop.minor);

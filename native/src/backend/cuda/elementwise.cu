@@ -50,7 +50,7 @@ __global__ void k_moe_combine(const float *__restrict__ pairs, const float *__re
 }
 
 tide_status launch_add(tide_backend *be, float *y, const float *x, int64_t n) {
-    if (n < 0 || (n > 0 && (!y || !x))) return failf(be, TIDE_ERR_ARG, "add: bad arguments");
+    if (n < 0 || (n > 0 && (!y || !x))) return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "add: bad arguments");
     if (n == 0) return TIDE_OK;
     TCU_LAUNCH(k_add, ew_blocks(be, n), EW_THREADS, 0, S(be)->compute)(y, x, n);
     TCU_LAUNCHED(be, "add kernel launch");
@@ -58,7 +58,7 @@ tide_status launch_add(tide_backend *be, float *y, const float *x, int64_t n) {
 }
 
 tide_status launch_silu_mul(tide_backend *be, float *g, const float *u, int64_t n) {
-    if (n < 0 || (n > 0 && (!g || !u))) return failf(be, TIDE_ERR_ARG, "silu_mul: bad arguments");
+    if (n < 0 || (n > 0 && (!g || !u))) return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "silu_mul: bad arguments");
     if (n == 0) return TIDE_OK;
     TCU_LAUNCH(k_silu_mul, ew_blocks(be, n), EW_THREADS, 0, S(be)->compute)(g, u, n);
     TCU_LAUNCHED(be, "silu_mul kernel launch");
@@ -68,10 +68,10 @@ tide_status launch_silu_mul(tide_backend *be, float *g, const float *u, int64_t 
 tide_status launch_gather_rows(tide_backend *be, float *dst, const float *src, const int32_t *rows,
                                int32_t n_rows, int32_t dim) {
     if (n_rows < 0 || dim <= 0 || (n_rows > 0 && (!dst || !src || !rows)))
-        return failf(be, TIDE_ERR_ARG, "gather_rows: bad arguments (rows %d, dim %d)", n_rows, dim);
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "gather_rows: bad arguments (rows %d, dim %d)", n_rows, dim);
     if (n_rows == 0) return TIDE_OK;
     for (int32_t i = 0; i < n_rows; i++)
-        if (rows[i] < 0) return failf(be, TIDE_ERR_ARG, "gather_rows: row %d is %d", i, rows[i]);
+        if (rows[i] < 0) return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "gather_rows: row %d is %d", i, rows[i]);
     void *rows_d = nullptr;
     tide_status rc = arena_put(be, rows, (size_t)n_rows * sizeof(int32_t), &rows_d);
     if (rc != TIDE_OK) return rc;
@@ -85,7 +85,7 @@ tide_status launch_gather_rows(tide_backend *be, float *dst, const float *src, c
 tide_status launch_moe_combine(tide_backend *be, const float *pairs, const float *w, int32_t n_tok,
                                int32_t n_used, int32_t dim, float *out) {
     if (n_tok < 0 || n_used <= 0 || dim <= 0 || (n_tok > 0 && (!pairs || !w || !out)))
-        return failf(be, TIDE_ERR_ARG, "moe_combine: bad arguments (n_tok %d, n_used %d, dim %d)", n_tok,
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "moe_combine: bad arguments (n_tok %d, n_used %d, dim %d)", n_tok,
                      n_used, dim);
     if (n_tok == 0) return TIDE_OK;
     void *w_d = nullptr;

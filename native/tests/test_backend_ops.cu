@@ -1,21 +1,23 @@
-/* test_ops.cu: every op of the CUDA backend against a plain host reference, through the
- * tide_backend_i table only (no model, no forward pass), so a kernel bug shows up here and not as
- * a wrong token three layers later. Needs a GPU; built and run by tests/test_cuda.py and
- * bench/gpu/run_h200.sh:
+/* test_backend_ops.cu: every op of a backend against a plain host reference, through the
+ * backend tables of backend.h only (no model, no forward pass), so a kernel bug shows up here and
+ * not as a wrong token three layers later (llama.cpp's test-backend-ops, for tide's ops). One
+ * source, four builds, all run by `make test-native`:
  *
- *   nvcc -O2 -std=c++17 -arch=native -Inative/include -Inative/src -DTIDE_CUDA=1
- *        bench/gpu/test_ops.cu native/src/cuda/[every .cu] -o build/test_ops && build/test_ops
+ *   cpu, sim   C++ over the C backends:        test_backend_ops cpu | sim
+ *   emulated   the CUDA sources compiled as C++ against native/tests/emu/emu_cuda.h
+ *              (-DTIDE_CUDA_EMU: threads as fibers, device memory = host memory), on any
+ *              machine:                        test_backend_ops_emu cuda --quick
+ *   cuda       nvcc, a real GPU; without one it prints SKIP and why, exit 77
  *
- * The same file runs without a GPU on the CPU emulator (bench/gpu/emu/emu_cuda.h; -DTIDE_CUDA_EMU,
- * compiled as C++; tests/test_cuda.py::test_kernels_on_cpu_emulator). `--quick`: small shapes.
+ * `--quick`: small shapes only (the emulator switches fibers at every shuffle).
  *
  * Tolerance: results are compared with a double-precision reference over the same (dequantized)
- * weights; |gpu - ref| <= 1e-4 * max|ref| + 1e-6 for products and attention (f32 accumulation in
+ * weights; |got - ref| <= 1e-4 * max|ref| + 1e-6 for products and attention (f32 accumulation in
  * another order), tighter for element-wise ops. Exit status 0 when everything passes.
  */
-#ifdef TIDE_CUDA_EMU
+#if defined(TIDE_CUDA_EMU)
 #include "emu_cuda.h"
-#else
+#elif defined(TIDE_CUDA)
 #include <cuda_fp16.h>
 #endif
 #include <math.h>
@@ -30,7 +32,9 @@
 #include <vector>
 
 extern "C" {
-#include "backend.h"
+#include "backend/backend.h"
+#include "backend/cpu/kernels.h"
+#include "threadpool.h"
 }
 
 static int g_fail = 0, g_pass = 0;
@@ -78,15 +82,9 @@ static float from_bf16(uint16_t h) {
     memcpy(&f, &u, 4);
     return f;
 }
-static uint16_t to_f16(float f) {
-    __half_raw r = __float2half(f);
-    return r.x;
-}
-static float from_f16(uint16_t u) {
-    __half_raw r;
-    r.x = u;
-    return __half2float(__half(r));
-}
+/* f16 by the core's exact conversions (round to nearest even), as the converter writes it. */
+static uint16_t to_f16(float f) { return tide_f32_to_f16(f); }
+static float from_f16(uint16_t u) { return tide_f16_to_f32(u); }
 
 /* Encode rows x cols values in `type`; `deq` receives what the kernels must see. */
 static std::vector<uint8_t> encode(int type, int64_t rows, int64_t cols, const std::vector<float> &v,
@@ -134,13 +132,20 @@ static const char *tname(int t) {
 
 static float *dev_floats(tide_backend *be, const std::vector<float> &h) {
     void *d = nullptr;
-    CHECK_OK(be, be->i->alloc(be, h.size() * 4 + 16, &d));
-    if (!h.empty()) CHECK_OK(be, be->i->upload(be, d, h.data(), h.size() * 4));
+    CHECK_OK(be, be->buf->alloc(be, h.size() * 4 + 16, &d));
+    if (!h.empty()) CHECK_OK(be, be->buf->upload(be, d, h.data(), h.size() * 4));
     return (float *)d;
+}
+/* Bytes in the backend's own memory (weights: upload_weight may keep the host pointer). */
+static void *dev_bytes(tide_backend *be, const std::vector<uint8_t> &h) {
+    void *d = nullptr;
+    CHECK_OK(be, be->buf->alloc(be, h.size(), &d));
+    CHECK_OK(be, be->buf->upload(be, d, h.data(), h.size()));
+    return d;
 }
 static std::vector<float> get_floats(tide_backend *be, const float *d, size_t n) {
     std::vector<float> h(n);
-    CHECK_OK(be, be->i->download(be, h.data(), d, n * 4));
+    CHECK_OK(be, be->buf->download(be, h.data(), d, n * 4));
     return h;
 }
 static std::vector<float> rand_vec(size_t n, float scale = 1.0f) {
@@ -153,15 +158,13 @@ static std::vector<float> rand_vec(size_t n, float scale = 1.0f) {
 static void test_matmul(tide_backend *be, int type, int64_t rows, int64_t cols, int n, bool misalign_x) {
     std::vector<float> w = rand_vec(rows * cols), deq;
     std::vector<uint8_t> enc = encode(type, rows, cols, w, deq);
-    void *wd = nullptr;
-    int copied = 0;
-    CHECK_OK(be, be->i->upload_weight(be, enc.data(), enc.size(), &wd, &copied));
+    void *wd = dev_bytes(be, enc);
     tide_matrix m = {type, rows, cols, enc.size(), wd};
     std::vector<float> x = rand_vec((size_t)n * cols + 1);
     float *xd = dev_floats(be, x);
     const float *xin = xd + (misalign_x ? 1 : 0);
     float *yd = dev_floats(be, std::vector<float>((size_t)n * rows));
-    CHECK_OK(be, be->i->matmul(be, &m, xin, n, yd));
+    CHECK_OK(be, be->ops->matmul(be, &m, xin, n, yd));
     std::vector<float> y = get_floats(be, yd, (size_t)n * rows);
     std::vector<double> ref((size_t)n * rows);
     const float *xh = x.data() + (misalign_x ? 1 : 0);
@@ -176,9 +179,9 @@ static void test_matmul(tide_backend *be, int type, int64_t rows, int64_t cols, 
     snprintf(name, sizeof name, "matmul %s %lldx%lld n=%d%s", tname(type), (long long)rows, (long long)cols, n,
              misalign_x ? " (x misaligned)" : "");
     report(name, e, scale, 1e-5);
-    be->i->dealloc(be, wd);
-    be->i->dealloc(be, xd);
-    be->i->dealloc(be, yd);
+    be->buf->dealloc(be, wd);
+    be->buf->dealloc(be, xd);
+    be->buf->dealloc(be, yd);
 }
 
 static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_tok, int n_used, int n_expert) {
@@ -201,11 +204,7 @@ static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_to
         auto ue = encode(type, n_ff, dim, uw, deq_u[e]);
         auto de = encode(type, dim, n_ff, dw, deq_d[e]);
         if (by_e[e].empty()) continue;
-        void *gd, *ud, *dd;
-        int c;
-        CHECK_OK(be, be->i->upload_weight(be, ge.data(), ge.size(), &gd, &c));
-        CHECK_OK(be, be->i->upload_weight(be, ue.data(), ue.size(), &ud, &c));
-        CHECK_OK(be, be->i->upload_weight(be, de.data(), de.size(), &dd, &c));
+        void *gd = dev_bytes(be, ge), *ud = dev_bytes(be, ue), *dd = dev_bytes(be, de);
         to_free.push_back(gd); to_free.push_back(ud); to_free.push_back(dd);
         G.push_back({type, n_ff, dim, ge.size(), gd});
         U.push_back({type, n_ff, dim, ue.size(), ud});
@@ -218,7 +217,7 @@ static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_to
     std::vector<float> x = rand_vec((size_t)n_tok * dim);
     float *xd = dev_floats(be, x);
     float *od = dev_floats(be, std::vector<float>((size_t)n_tok * n_used * dim, NAN));
-    CHECK_OK(be, be->i->experts(be, &b, xd, dim, od));
+    CHECK_OK(be, be->ops->experts(be, &b, xd, dim, od));
     std::vector<float> o = get_floats(be, od, (size_t)n_tok * n_used * dim);
     std::vector<double> ref((size_t)n_tok * n_used * dim);
     for (size_t j = 0; j < job_e.size(); j++) {
@@ -246,16 +245,44 @@ static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_to
     snprintf(name, sizeof name, "experts %s dim=%d ff=%d tok=%d used=%d E=%d", tname(type), dim, n_ff, n_tok, n_used,
              n_expert);
     report(name, err, scale, 1e-5);
-    for (void *p : to_free) be->i->dealloc(be, p);
-    be->i->dealloc(be, xd);
-    be->i->dealloc(be, od);
+    for (void *p : to_free) be->buf->dealloc(be, p);
+    be->buf->dealloc(be, xd);
+    be->buf->dealloc(be, od);
+}
+
+/* The row rule of backend.h holds on every backend: a q8_0 row that is not a whole number of
+ * 32-value blocks has no layout, and matmul and experts refuse it. */
+static void test_q8_0_partial_rows(tide_backend *be) {
+    const int64_t rows = 4, cols = 48;
+    std::vector<uint8_t> raw((size_t)rows * 34 * 2);
+    void *wd = dev_bytes(be, raw);
+    tide_matrix m = {TIDE_TYPE_Q8_0, rows, cols, raw.size(), wd};
+    float *xd = dev_floats(be, rand_vec((size_t)cols)), *yd = dev_floats(be, rand_vec((size_t)rows));
+    tide_status st = be->ops->matmul(be, &m, xd, 1, yd);
+    printf("%s matmul refuses q8_0 rows of %lld values: %s\n", st != TIDE_OK ? "PASS" : "FAIL",
+           (long long)cols, be->err);
+    st != TIDE_OK ? g_pass++ : g_fail++;
+    tide_matrix down = {TIDE_TYPE_Q8_0, cols, rows * 8, raw.size(), wd};
+    tide_matrix gate = {TIDE_TYPE_Q8_0, rows * 8, cols, raw.size(), wd};
+    int32_t start[2] = {0, 1}, tok[1] = {0}, dest[1] = {0};
+    tide_expert_batch b = {1, &gate, &gate, &down, start, tok, dest};
+    float *od = dev_floats(be, rand_vec((size_t)cols));
+    st = be->ops->experts(be, &b, xd, (int32_t)cols, od);
+    printf("%s experts refuse q8_0 rows of %lld values: %s\n", st != TIDE_OK ? "PASS" : "FAIL",
+           (long long)cols, be->err);
+    st != TIDE_OK ? g_pass++ : g_fail++;
+    be->ops->synchronize(be);
+    be->buf->dealloc(be, wd);
+    be->buf->dealloc(be, xd);
+    be->buf->dealloc(be, yd);
+    be->buf->dealloc(be, od);
 }
 
 static void test_rmsnorm(tide_backend *be, int rows, int dim, bool inplace) {
     auto x = rand_vec((size_t)rows * dim, 3.0f), w = rand_vec(dim);
     float *xd = dev_floats(be, x), *wd = dev_floats(be, w);
     float *yd = inplace ? xd : dev_floats(be, std::vector<float>((size_t)rows * dim));
-    CHECK_OK(be, be->i->rmsnorm(be, xd, wd, rows, dim, 1e-6f, yd));
+    CHECK_OK(be, be->ops->rmsnorm(be, xd, wd, rows, dim, 1e-6f, yd));
     auto y = get_floats(be, yd, (size_t)rows * dim);
     std::vector<double> ref((size_t)rows * dim);
     for (int r = 0; r < rows; r++) {
@@ -268,15 +295,15 @@ static void test_rmsnorm(tide_backend *be, int rows, int dim, bool inplace) {
     char name[96];
     snprintf(name, sizeof name, "rmsnorm rows=%d dim=%d%s", rows, dim, inplace ? " in place" : "");
     report(name, e, scale, 1e-5);
-    be->i->dealloc(be, xd);
-    be->i->dealloc(be, wd);
-    if (!inplace) be->i->dealloc(be, yd);
+    be->buf->dealloc(be, xd);
+    be->buf->dealloc(be, wd);
+    if (!inplace) be->buf->dealloc(be, yd);
 }
 
 static void test_rope(tide_backend *be, int n_tok, int n_head, int hd, int rope_dim, int pos0, int64_t stride) {
     auto x = rand_vec((size_t)n_tok * stride);
     float *xd = dev_floats(be, x);
-    CHECK_OK(be, be->i->rope(be, xd, n_tok, stride, n_head, hd, rope_dim, pos0, 600000.0f));
+    CHECK_OK(be, be->ops->rope(be, xd, n_tok, stride, n_head, hd, rope_dim, pos0, 600000.0f));
     auto y = get_floats(be, xd, x.size());
     std::vector<double> ref(x.begin(), x.end());
     int half = rope_dim / 2;
@@ -294,8 +321,10 @@ static void test_rope(tide_backend *be, int n_tok, int n_head, int hd, int rope_
     double scale, e = compare(y, ref, &scale);
     char name[96];
     snprintf(name, sizeof name, "rope tok=%d heads=%d hd=%d rot=%d pos0=%d", n_tok, n_head, hd, rope_dim, pos0);
-    report(name, e, scale, 1e-5);
-    be->i->dealloc(be, xd);
+    /* the angle pos * inv_freq is an f32: an ulp of inv_freq (powf differs by one between
+     * libraries) moves it by pos * 2^-24 relative, which grows with the position */
+    report(name, e, scale, 1e-5 + (pos0 + n_tok) * 6e-8);
+    be->buf->dealloc(be, xd);
 }
 
 static void test_attention(tide_backend *be, int n_q, int q_pos0, int n_kv, int B, int nh, int nkv, int hd) {
@@ -304,7 +333,7 @@ static void test_attention(tide_backend *be, int n_q, int q_pos0, int n_kv, int 
          v = rand_vec((size_t)n_kv * s.kv_stride);
     float *qd = dev_floats(be, q), *kd = dev_floats(be, k), *vd = dev_floats(be, v);
     float *od = dev_floats(be, std::vector<float>((size_t)n_q * nh * hd));
-    CHECK_OK(be, be->i->attention(be, &s, qd, kd, vd, od));
+    CHECK_OK(be, be->ops->attention(be, &s, qd, kd, vd, od));
     auto o = get_floats(be, od, (size_t)n_q * nh * hd);
     std::vector<double> ref((size_t)n_q * nh * hd);
     int G = nh / nkv;
@@ -333,10 +362,10 @@ static void test_attention(tide_backend *be, int n_q, int q_pos0, int n_kv, int 
     char name[128];
     snprintf(name, sizeof name, "attention q=%d@%d kv=%d B=%d heads=%d/%d hd=%d", n_q, q_pos0, n_kv, B, nh, nkv, hd);
     report(name, e, scale, 1e-5);
-    be->i->dealloc(be, qd);
-    be->i->dealloc(be, kd);
-    be->i->dealloc(be, vd);
-    be->i->dealloc(be, od);
+    be->buf->dealloc(be, qd);
+    be->buf->dealloc(be, kd);
+    be->buf->dealloc(be, vd);
+    be->buf->dealloc(be, od);
 }
 
 static void test_elementwise(tide_backend *be) {
@@ -344,28 +373,24 @@ static void test_elementwise(tide_backend *be) {
     int64_t n = (int64_t)n_tok * dim;
     auto a = rand_vec(n), b = rand_vec(n);
     float *ad = dev_floats(be, a), *bd = dev_floats(be, b);
-    CHECK_OK(be, be->i->add(be, ad, bd, n));
+    CHECK_OK(be, be->ops->add(be, ad, bd, n));
     auto r = get_floats(be, ad, n);
     std::vector<double> ref(n);
     for (int64_t i = 0; i < n; i++) ref[i] = (double)a[i] + b[i];
     double scale, e = compare(r, ref, &scale);
     report("add", e, scale, 1e-6);
 
-    CHECK_OK(be, be->i->upload(be, ad, a.data(), n * 4));
-    CHECK_OK(be, be->i->silu_mul(be, ad, bd, n));
+    CHECK_OK(be, be->buf->upload(be, ad, a.data(), n * 4));
+    CHECK_OK(be, be->ops->silu_mul(be, ad, bd, n));
     r = get_floats(be, ad, n);
     for (int64_t i = 0; i < n; i++) ref[i] = a[i] / (1 + exp(-(double)a[i])) * b[i];
     e = compare(r, ref, &scale);
     report("silu_mul", e, scale, 1e-6);
 
-    CHECK_OK(be, be->i->copy(be, bd, ad, n));
-    auto c = get_floats(be, bd, n);
-    report("copy", memcmp(c.data(), r.data(), n * 4) ? 1.0 : 0.0, 1, 0);
-
     std::vector<int32_t> rows = {6, 0, 3, 3, 5};
     float *gd = dev_floats(be, std::vector<float>(rows.size() * dim));
-    CHECK_OK(be, be->i->upload(be, ad, a.data(), n * 4));
-    CHECK_OK(be, be->i->gather_rows(be, gd, ad, rows.data(), (int32_t)rows.size(), dim));
+    CHECK_OK(be, be->buf->upload(be, ad, a.data(), n * 4));
+    CHECK_OK(be, be->ops->gather_rows(be, gd, ad, rows.data(), (int32_t)rows.size(), dim));
     auto g = get_floats(be, gd, rows.size() * dim);
     std::vector<double> gref(rows.size() * dim);
     for (size_t i = 0; i < rows.size(); i++)
@@ -375,8 +400,8 @@ static void test_elementwise(tide_backend *be) {
 
     auto pairs = rand_vec((size_t)n_tok * n_used * dim), w = rand_vec((size_t)n_tok * n_used);
     float *pd = dev_floats(be, pairs);
-    CHECK_OK(be, be->i->upload(be, ad, a.data(), n * 4));
-    CHECK_OK(be, be->i->moe_combine(be, pd, w.data(), n_tok, n_used, dim, ad));
+    CHECK_OK(be, be->buf->upload(be, ad, a.data(), n * 4));
+    CHECK_OK(be, be->ops->moe_combine(be, pd, w.data(), n_tok, n_used, dim, ad));
     r = get_floats(be, ad, n);
     for (int t = 0; t < n_tok; t++)
         for (int d = 0; d < dim; d++) {
@@ -386,10 +411,10 @@ static void test_elementwise(tide_backend *be) {
         }
     e = compare(r, ref, &scale);
     report("moe_combine", e, scale, 1e-6);
-    be->i->dealloc(be, ad);
-    be->i->dealloc(be, bd);
-    be->i->dealloc(be, gd);
-    be->i->dealloc(be, pd);
+    be->buf->dealloc(be, ad);
+    be->buf->dealloc(be, bd);
+    be->buf->dealloc(be, gd);
+    be->buf->dealloc(be, pd);
 }
 
 static void test_argmax(tide_backend *be, int n, int n_vocab, bool misalign) {
@@ -403,7 +428,7 @@ static void test_argmax(tide_backend *be, int n, int n_vocab, bool misalign) {
     float *ld = dev_floats(be, l);
     std::vector<int32_t> tok(n);
     std::vector<float> prob(n);
-    CHECK_OK(be, be->i->argmax_prob(be, ld + off, n, n_vocab, tok.data(), prob.data()));
+    CHECK_OK(be, be->ops->argmax_prob(be, ld + off, n, n_vocab, tok.data(), prob.data()));
     int bad = 0;
     double perr = 0;
     for (int r = 0; r < n; r++) {
@@ -419,8 +444,9 @@ static void test_argmax(tide_backend *be, int n, int n_vocab, bool misalign) {
     char name[96];
     snprintf(name, sizeof name, "argmax_prob n=%d vocab=%d%s (tokens wrong: %d)", n, n_vocab,
              misalign ? " misaligned" : "", bad);
-    report(name, bad ? 1.0 : perr, 1, 1e-5);
-    be->i->dealloc(be, ld);
+    /* host softmax: a vector exp within 2 ulp per term, summed over up to 157184 terms */
+    report(name, bad ? 1.0 : perr, 1, 5e-5);
+    be->buf->dealloc(be, ld);
 }
 
 static void test_transfers(tide_backend *be) {
@@ -429,43 +455,44 @@ static void test_transfers(tide_backend *be) {
     uint8_t *src = (uint8_t *)(((uintptr_t)host.data() + 4095) & ~(uintptr_t)4095);
     for (size_t i = 0; i < n; i++) src[i] = (uint8_t)(i * 2654435761u >> 13);
     void *d1, *d2;
-    CHECK_OK(be, be->i->alloc(be, n, &d1));
-    CHECK_OK(be, be->i->alloc(be, n, &d2));
+    CHECK_OK(be, be->buf->alloc(be, n, &d1));
+    CHECK_OK(be, be->buf->alloc(be, n, &d2));
     /* unregistered: staging path */
-    CHECK_OK(be, be->i->upload_async(be, d1, src, n));
+    CHECK_OK(be, be->buf->upload_async(be, d1, src, n));
     int32_t f1;
-    CHECK_OK(be, be->i->transfer_fence(be, &f1));
+    CHECK_OK(be, be->buf->transfer_fence(be, &f1));
     /* registered: direct path */
-    CHECK_OK(be, be->i->pin_host(be, src, n));
-    CHECK_OK(be, be->i->upload_async(be, d2, src, n));
+    CHECK_OK(be, be->buf->pin_host(be, src, n));
+    CHECK_OK(be, be->buf->upload_async(be, d2, src, n));
     int32_t f2;
-    CHECK_OK(be, be->i->transfer_fence(be, &f2));
-    CHECK_OK(be, be->i->compute_wait_fence(be, f1));
-    CHECK_OK(be, be->i->compute_wait_fence(be, f2));
+    CHECK_OK(be, be->buf->transfer_fence(be, &f2));
+    CHECK_OK(be, be->buf->compute_wait_fence(be, f1));
+    CHECK_OK(be, be->buf->compute_wait_fence(be, f2));
     std::vector<uint8_t> back(n);
-    CHECK_OK(be, be->i->download(be, back.data(), d1, n));
+    CHECK_OK(be, be->buf->download(be, back.data(), d1, n));
     report("upload_async staging + fence", memcmp(back.data(), src, n) ? 1.0 : 0.0, 1, 0);
-    CHECK_OK(be, be->i->download(be, back.data(), d2, n));
+    CHECK_OK(be, be->buf->download(be, back.data(), d2, n));
     report("upload_async registered + fence", memcmp(back.data(), src, n) ? 1.0 : 0.0, 1, 0);
-    CHECK_OK(be, be->i->transfer_sync(be));
-    CHECK_OK(be, be->i->synchronize(be));
-    be->i->dealloc(be, d1);
-    be->i->dealloc(be, d2);
+    CHECK_OK(be, be->buf->transfer_sync(be));
+    CHECK_OK(be, be->ops->synchronize(be));
+    be->buf->dealloc(be, d1);
+    be->buf->dealloc(be, d2);
     /* many small uploads through the arena, interleaved with compute, must all land */
     std::vector<float> vals(1000);
     float *vd = dev_floats(be, std::vector<float>(1000 * 64));
     for (int it = 0; it < 1000; it++) {
         for (int i = 0; i < 64; i++) vals[i] = (float)(it * 64 + i);
-        CHECK_OK(be, be->i->upload(be, vd + it * 64, vals.data(), 64 * 4));
+        CHECK_OK(be, be->buf->upload(be, vd + it * 64, vals.data(), 64 * 4));
     }
     auto all = get_floats(be, vd, 1000 * 64);
     int bad = 0;
     for (int i = 0; i < 64000; i++) bad += all[i] != (float)i;
     report("1000 small uploads (arena ring)", bad, 1, 0);
-    be->i->dealloc(be, vd);
+    be->buf->dealloc(be, vd);
 }
 
-static void test_oom() {
+#ifdef TIDE_CUDA
+static void test_cuda_oom() {
     char err[256];
     tide_backend *be = nullptr;
     tide_status st = tide_backend_cuda_new(0, 64ull << 20, &be, err, sizeof err);
@@ -475,33 +502,77 @@ static void test_oom() {
         return;
     }
     void *p = nullptr;
-    st = be->i->alloc(be, 128ull << 20, &p);
+    st = be->buf->alloc(be, 128ull << 20, &p);
     bool ok = st == TIDE_ERR_DEVICE && strstr(be->err, "device out of memory: needed 128.0 MiB") &&
               strstr(be->err, "free") && strstr(be->err, "budget 64.0 MiB");
     printf("%s oom message: %s\n", ok ? "PASS" : "FAIL", be->err);
     ok ? g_pass++ : g_fail++;
     uint64_t f = 0, t = 0;
-    CHECK_OK(be, be->i->mem_free(be, &f, &t));
+    CHECK_OK(be, be->dev->mem_free(be, &f, &t));
     ok = t == (64ull << 20) && f < t;
     printf("%s mem_free within budget: free %llu total %llu\n", ok ? "PASS" : "FAIL", (unsigned long long)f,
            (unsigned long long)t);
     ok ? g_pass++ : g_fail++;
-    be->i->free(be);
+    be->dev->free(be);
+}
+#endif
+
+/* The simulated device runs out of memory with a message that names the numbers. */
+static void test_sim_oom(tide_pool *pool) {
+    tide_backend *be = nullptr;
+    if (tide_backend_sim_new(pool, 64ull << 20, &be) != TIDE_OK) {
+        printf("FAIL oom: sim backend with 64 MiB\n");
+        g_fail++;
+        return;
+    }
+    void *p = nullptr;
+    tide_status st = be->buf->alloc(be, 128ull << 20, &p);
+    bool ok = st == TIDE_ERR_DEVICE && strstr(be->err, "simulated device out of memory") &&
+              strstr(be->err, "67108864");
+    printf("%s oom message: %s\n", ok ? "PASS" : "FAIL", be->err);
+    ok ? g_pass++ : g_fail++;
+    be->dev->free(be);
+}
+
+static int usage() {
+    printf("usage: test_backend_ops cpu|sim|cuda [--quick]\n");
+    return 2;
 }
 
 int main(int argc, char **argv) {
+    if (argc < 2) return usage();
+    const char *name = argv[1];
     /* --quick: small shapes only (the CPU emulator in CI switches fibers at every shuffle) */
-    const bool quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    const bool quick = argc > 2 && strcmp(argv[2], "--quick") == 0;
     char err[256];
-    if (!tide_backend_cuda_available(err, sizeof err)) {
-        printf("SKIP no CUDA GPU: %s\n", err);
-        return 77;
-    }
     tide_backend *be = nullptr;
-    if (tide_backend_cuda_new(0, 0, &be, err, sizeof err) != TIDE_OK) {
-        printf("FAIL tide_backend_cuda_new: %s\n", err);
-        return 1;
+    tide_pool *pool = nullptr;
+    if (strcmp(name, "cuda") == 0) {
+#ifdef TIDE_CUDA
+        if (!tide_backend_cuda_available(err, sizeof err)) {
+            printf("SKIP no CUDA GPU: %s\n", err);
+            return 77;
+        }
+        if (tide_backend_cuda_new(0, 0, &be, err, sizeof err) != TIDE_OK) {
+            printf("FAIL tide_backend_cuda_new: %s\n", err);
+            return 1;
+        }
+#else
+        printf("SKIP this build has no CUDA backend\n");
+        return 77;
+#endif
+    } else if (strcmp(name, "cpu") == 0 || strcmp(name, "sim") == 0) {
+        if (tide_pool_new(2, &pool) != TIDE_OK) return 1;
+        tide_status st = name[0] == 'c' ? tide_backend_cpu_new(pool, &be)
+                                        : tide_backend_sim_new(pool, 0, &be);
+        if (st != TIDE_OK) {
+            printf("FAIL creating the %s backend\n", name);
+            return 1;
+        }
+    } else {
+        return usage();
     }
+    printf("backend %s%s\n", be->dev->name, quick ? " (quick)" : "");
     const int types[4] = {TIDE_TYPE_F32, TIDE_TYPE_F16, TIDE_TYPE_BF16, TIDE_TYPE_Q8_0};
 #ifdef TIDE_CUDA_EMU
     const int big_rows = 300, big_cols = 512, tall_rows = 2000;
@@ -521,6 +592,7 @@ int main(int argc, char **argv) {
         test_experts(be, t, 64, 32, 3, 2, 4);
         test_experts(be, t, 128, 64, 6, 4, 9);
     }
+    test_q8_0_partial_rows(be);
     test_rmsnorm(be, quick ? 4 : 32, 2048, false);
     test_rmsnorm(be, quick ? 16 : 512, 128, true);
     test_rmsnorm(be, 3, 50, false);
@@ -539,9 +611,13 @@ int main(int argc, char **argv) {
     test_argmax(be, 3, 1001, true);
     test_argmax(be, 1, 5, false);
     test_transfers(be);
-    CHECK_OK(be, be->i->synchronize(be));
-    be->i->free(be);
-    test_oom();
+    CHECK_OK(be, be->ops->synchronize(be));
+    be->dev->free(be);
+#ifdef TIDE_CUDA
+    if (strcmp(name, "cuda") == 0) test_cuda_oom();
+#endif
+    if (strcmp(name, "sim") == 0) test_sim_oom(pool);
+    tide_pool_free(pool);
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
 }

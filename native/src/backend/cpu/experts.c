@@ -5,7 +5,7 @@
  * row of every job): out[pair_dest[p]][r] = down_r . H[p]. Threads split the flattened rows of
  * each phase; every dot is the canonical one, so results never depend on the split.
  */
-#include "cpu/cpu_internal.h"
+#include "backend/cpu/cpu_internal.h"
 
 #include <math.h>
 #include <stdlib.h>

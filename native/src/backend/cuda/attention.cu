@@ -110,18 +110,18 @@ k_attention(tide_attn_shape s, const float *__restrict__ q, const float *__restr
 tide_status launch_attention(tide_backend *be, const tide_attn_shape *s, const float *q, const float *k,
                              const float *v, float *out) {
     if (!s || !q || !k || !v || !out)
-        return failf(be, TIDE_ERR_ARG, "attention: NULL argument");
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "attention: NULL argument");
     if (s->n_q < 0 || s->n_kv <= 0 || s->block_length <= 0 || s->n_head <= 0 || s->n_head_kv <= 0 ||
         s->n_head % s->n_head_kv != 0 || s->head_dim <= 0 || s->q_pos0 < 0 ||
         s->kv_stride < (int64_t)s->n_head_kv * s->head_dim)
-        return failf(be, TIDE_ERR_ARG,
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG,
                      "attention: bad shape (n_q %d, n_kv %d, block %d, heads %d/%d, head_dim %d, stride %lld)",
                      s->n_q, s->n_kv, s->block_length, s->n_head, s->n_head_kv, s->head_dim,
                      (long long)s->kv_stride);
     if (s->n_q == 0) return TIDE_OK;
     const int G = s->n_head / s->n_head_kv;
     if (G > AT_MAXG || s->head_dim > 128 || s->n_head_kv > 65535 || s->n_q > 65535)
-        return failf(be, TIDE_ERR_UNSUPPORTED,
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED,
                      "attention: %d query heads per kv head (at most %d), head_dim %d (at most 128), n_q %d",
                      G, AT_MAXG, s->head_dim, s->n_q);
     const size_t smem = sizeof(float) * ((size_t)AT_WARPS * G * s->head_dim + 2 * (size_t)AT_WARPS * G);

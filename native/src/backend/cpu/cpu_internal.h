@@ -3,7 +3,7 @@
 #ifndef TIDE_CPU_INTERNAL_H
 #define TIDE_CPU_INTERNAL_H
 
-#include "cpu/kernels.h"
+#include "backend/cpu/kernels.h"
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)

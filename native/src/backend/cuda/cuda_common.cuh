@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #ifdef TIDE_CUDA_EMU
-#include "emu_cuda.h" /* bench/gpu/emu: runs these kernels on the CPU to check them without a GPU */
+#include "emu_cuda.h" /* native/tests/emu: runs these kernels on the CPU to check them without a GPU */
 #else
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -23,7 +23,7 @@
 #endif
 
 extern "C" {
-#include "backend.h"
+#include "backend/backend.h"
 }
 
 #include <unordered_map>
@@ -53,7 +53,6 @@ struct state {
 
     /* host ranges registered with cudaHostRegister (pin_host) */
     std::vector<host_region> *pinned;
-    int pin_failures;
 
     /* staging buffers for upload_async from memory that could not be registered */
     void *stage[STAGE_BUFS];
@@ -80,9 +79,6 @@ static inline state *S(tide_backend *be) { return (state *)be->impl; }
 
 /* Write "what: CUDA's message (name)" into be->err and return TIDE_ERR_DEVICE. */
 tide_status fail(tide_backend *be, cudaError_t e, const char *what);
-/* printf-style message into be->err, returns st. */
-tide_status failf(tide_backend *be, tide_status st, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
 
 #define TCU_CHECK(be, what, call)                                                                  \
     do {                                                                                           \
@@ -113,17 +109,6 @@ tide_status arena_put_many(tide_backend *be, int count, const void *const *srcs,
 
 /* Make sure a scratch buffer holds n bytes (synchronizes the compute stream when it grows). */
 tide_status scratch_reserve(tide_backend *be, void **buf, size_t *have, size_t n);
-
-/* Bytes of one row of `cols` values of `type`; 0 for an unknown type. */
-static inline size_t row_bytes(int32_t type, int64_t cols) {
-    switch (type) {
-    case TIDE_TYPE_F32: return (size_t)cols * 4;
-    case TIDE_TYPE_F16:
-    case TIDE_TYPE_BF16: return (size_t)cols * 2;
-    case TIDE_TYPE_Q8_0: return (size_t)(cols / 32) * 34;
-    default: return 0;
-    }
-}
 
 static inline unsigned div_up(int64_t a, int64_t b) { return (unsigned)((a + b - 1) / b); }
 
