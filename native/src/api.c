@@ -63,7 +63,7 @@ static tide_status check_residency_args(int32_t n_moe, int32_t policy, int32_t b
                                         const int32_t *budgets, int32_t n_budgets,
                                         int32_t refresh_interval, char *err, size_t err_len) {
     if (budgets && n_budgets != n_moe)
-        return tide_errf(err, err_len, TIDE_ERR_ARG, "budgets: %d entries for %d MoE layers",
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "budgets: %d entries, but the model has %d MoE layers",
                          n_budgets, n_moe);
     if (!budgets && budget < 0)
         return tide_errf(err, err_len, TIDE_ERR_ARG, "budget: %d is negative", budget);

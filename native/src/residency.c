@@ -112,13 +112,13 @@ static void res_promote_profile(tide_residency *r, int32_t l) {
 tide_status residency_check_args(int32_t n_layers, int32_t policy, const int32_t *budgets,
                                  int32_t refresh_interval, char *err, size_t err_len) {
     if (policy < TIDE_POLICY_GPU || policy > TIDE_POLICY_TIDE)
-        return tide_errf(err, err_len, TIDE_ERR_ARG, "residency: unknown policy %d", policy);
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "policy: unknown policy %d", policy);
     if (policy == TIDE_POLICY_TIDE && refresh_interval < 1)
-        return tide_errf(err, err_len, TIDE_ERR_ARG, "residency: refresh_interval %d, must be >= 1",
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "refresh_interval: %d, must be >= 1",
                          refresh_interval);
     for (int32_t l = 0; budgets && l < n_layers; l++)
         if (budgets[l] < 0)
-            return tide_errf(err, err_len, TIDE_ERR_ARG, "residency: budgets[%d] = %d is negative",
+            return tide_errf(err, err_len, TIDE_ERR_ARG, "budgets: layer %d: %d is negative",
                              l, budgets[l]);
     return TIDE_OK;
 }

@@ -317,11 +317,11 @@ static void test_errors(void) {
     CHECK(residency_init(&r, 2, 4, 9, b, 4, XB) == TIDE_ERR_ARG &&
               strstr(residency_error(&r), "unknown policy 9"), "%s", residency_error(&r));
     CHECK(residency_init(&r, 2, 4, TIDE_POLICY_TIDE, b, 4, XB) == TIDE_ERR_ARG &&
-              strstr(residency_error(&r), "budgets[1] = -1 is negative"), "%s",
+              strstr(residency_error(&r), "budgets: layer 1: -1 is negative"), "%s",
           residency_error(&r));
     b[1] = 2;
     CHECK(residency_init(&r, 2, 4, TIDE_POLICY_TIDE, b, 0, XB) == TIDE_ERR_ARG &&
-              strstr(residency_error(&r), "refresh_interval 0"), "%s", residency_error(&r));
+              strstr(residency_error(&r), "refresh_interval: 0"), "%s", residency_error(&r));
     CHECK(residency_init(&r, 0, 4, TIDE_POLICY_CPU, b, 0, XB) == TIDE_ERR_ARG, "no layers");
     CHECK(residency_init(&r, 2, 4, TIDE_POLICY_SWAP, b, 0, XB) == TIDE_OK, "swap ignores tau");
     tide_residency_plan p;
