@@ -3,8 +3,9 @@
  * and on the simulated device under every policy, check sim == cpu bit for bit, the counters'
  * invariants, the error paths (bad arguments, context full, bad settings), and free everything.
  *
- * The GGUF is made by Python (tests/hf_checkpoint.py + convert/): $TIDE_PYTHON, else
- * .venv/bin/python; without either the test is skipped (exit 0). Numerics against the PyTorch
+ * The GGUF is made by Python (tests/hf_checkpoint.py + tide_cpp/convert/): $TIDE_PYTHON, else
+ * .venv/bin/python; without either the test is skipped (exit 0), but a Python that fails to
+ * build it fails the test (a skip there would hide a broken converter). Numerics against the PyTorch
  * reference are tests/test_forward.py's job.
  */
 #include "tide.h"
@@ -17,14 +18,15 @@
 
 #include "check.h"
 
+/* 0: made; 1: no Python to make it with; -1: the Python failed. */
 static int make_gguf(const char *path) {
     const char *py = getenv("TIDE_PYTHON");
     if (!py || !*py) py = access(".venv/bin/python", X_OK) == 0 ? ".venv/bin/python" : NULL;
-    if (!py) return -1;
+    if (!py) return 1;
     char cmd[2048];
     snprintf(cmd, sizeof cmd,
              "%s -c \"import sys, tempfile; sys.path[:0] = ['tests', '.']; "
-             "import hf_checkpoint as h; from convert import convert; "
+             "import hf_checkpoint as h; from tide_cpp.convert import convert; "
              "d = tempfile.mkdtemp(); h.make_checkpoint(d, shape='wide', num_hidden_layers=4); "
              "convert(d, '%s', outtype='bf16', progress=False); import shutil; shutil.rmtree(d)\"",
              py, path);
@@ -52,9 +54,14 @@ int main(void) {
     if (!mkdtemp(dir)) return 1;
     char path[256];
     snprintf(path, sizeof path, "%s/wide.gguf", dir);
-    if (make_gguf(path) != 0) {
+    int made = make_gguf(path);
+    if (made == 1) {
         printf("test_forward: SKIP (no Python with torch to build the tiny GGUF)\n");
         return 0;
+    }
+    if (made != 0) {
+        printf("test_forward: FAIL (the Python above could not build the tiny GGUF)\n");
+        return 1;
     }
     char err[512];
     tide_model *model = NULL;
