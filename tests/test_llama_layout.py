@@ -279,10 +279,10 @@ def test_info_names_the_layout(llama_gguf, capsys):
     llama, ours, cfg = llama_gguf("base", "bf16", split_attention=True)
     assert main(["info", ours]) == 0
     a = capsys.readouterr().out
-    assert "layout: routed experts one tensor per expert matrix; attention fused attn_qkv" in a
+    assert "  layout: routed experts one tensor per expert matrix; attention fused attn_qkv" in a
     assert main(["info", llama]) == 0
     b = capsys.readouterr().out
-    assert "layout: routed experts merged per layer (ffn_*_exps); attention split attn_q/k/v" in b
+    assert "  layout: routed experts merged per layer (ffn_*_exps); attention split attn_q/k/v" in b
     # the expert sizes agree (without alignment padding in the merged tensors)
     line = lambda s: next(x for x in s.splitlines() if "one expert:" in x)  # noqa: E731
     assert line(a).split("(")[1].split(";")[0] == line(b).split("(")[1].split(";")[0]
