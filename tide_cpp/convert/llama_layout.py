@@ -155,11 +155,38 @@ def _typed(key, value):
     raise LayoutError(f"key '{key}': value {value!r} is not a bool, int, float or str")
 
 
+def _metadata(r, old, arch, alignment):
+    """{key: (value, type, sub type)} of the output, in order: the input's keys under the new
+    prefix less the ones llama.cpp's files lack, then the keys llama.cpp's loader needs that the
+    input may lack."""
+    from gguf import GGUFValueType
+
+    dropped = {f"{old}.{s}" for s in _DROPPED_SUFFIXES} | set(_DROPPED_KEYS)
+    if arch != "llada2":  # the diffusion key belongs to llama.cpp's diffusion architectures
+        dropped.add("diffusion.shift_logits")
+    meta = {}
+    for name, field in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in dropped:
+            continue
+        key = arch + name[len(old):] if name.startswith(old + ".") else name
+        meta[key] = _value(field)
+    if alignment is not None:
+        meta["general.alignment"] = (alignment, GGUFValueType.UINT32, None)
+    shared = f"{arch}.expert_shared_feed_forward_length"
+    if shared not in meta:
+        n_ff_exp = _field_int(r, f"{old}.expert_feed_forward_length")
+        n_shared = _field_int(r, f"{old}.expert_shared_count")
+        meta[shared] = (n_ff_exp * n_shared, GGUFValueType.UINT32, None)
+    if arch == "llada2" and "diffusion.shift_logits" not in meta:
+        meta["diffusion.shift_logits"] = (False, GGUFValueType.BOOL, None)
+    return meta
+
+
 def convert(src, dst, arch="llada2", split_attention=False, alignment=None, set_keys=None):
     """Write src (a tide.cpp GGUF) to dst in llama.cpp's layout; returns the bytes of tensor
     data written. dst appears only when complete. set_keys {output key: value, or None to leave
     the key out} edits the metadata last (to write files as other writers do)."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFReader, GGUFWriter
 
     if arch not in ARCHS:
         raise LayoutError(f"arch {arch!r}: expected one of {', '.join(ARCHS)}")
@@ -176,32 +203,17 @@ def convert(src, dst, arch="llada2", split_attention=False, alignment=None, set_
         n_kv = _field_int(r, f"{old}.attention.head_count_kv") * hd
     tensors = plan_tensors(r, split_attention, n_q, n_kv)
 
-    w = GGUFWriter(None, arch)
-    dropped = {f"{old}.{s}" for s in _DROPPED_SUFFIXES} | set(_DROPPED_KEYS)
-    if arch != "llada2":  # the diffusion key belongs to llama.cpp's diffusion architectures
-        dropped.add("diffusion.shift_logits")
-    for name, field in r.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment") \
-                or name in dropped:
-            continue
-        val, vtype, sub = _value(field)
-        key = arch + name[len(old):] if name.startswith(old + ".") else name
-        w.add_key_value(key, val, vtype, sub)
-    if alignment is None and "general.alignment" in r.fields:
-        alignment = int(r.fields["general.alignment"].contents())
-    if alignment is not None:  # the writer's offsets follow its own alignment
-        w.add_custom_alignment(alignment)
-    if f"{old}.expert_shared_feed_forward_length" not in r.fields:
-        n_ff_exp = _field_int(r, f"{old}.expert_feed_forward_length")
-        n_shared = _field_int(r, f"{old}.expert_shared_count")
-        w.add_key_value(f"{arch}.expert_shared_feed_forward_length", n_ff_exp * n_shared,
-                        GGUFValueType.UINT32)
-    if arch == "llada2" and "diffusion.shift_logits" not in r.fields:
-        w.add_key_value("diffusion.shift_logits", False, GGUFValueType.BOOL)
+    meta = _metadata(r, old, arch, alignment)
     for key, value in (set_keys or {}).items():
-        w.kv_data[0].pop(key, None)
+        meta.pop(key, None)
         if value is not None:
-            w.add_key_value(key, *_typed(key, value))
+            meta[key] = _typed(key, value) + (None,)
+    w = GGUFWriter(None, arch)
+    for key, (val, vtype, sub) in meta.items():
+        if key == "general.alignment":  # the writer's offsets follow its own alignment
+            w.add_custom_alignment(int(val))
+        else:
+            w.add_key_value(key, val, vtype, sub)
     for name, shape, qt, parts in tensors:
         w.add_tensor_info(name, shape, np.float32, sum(p.n_bytes for p in parts), raw_dtype=qt)
 
