@@ -38,7 +38,7 @@ static tide_status upload_vec(tide_context *ctx, const float *src, int64_t n, co
 static tide_status upload_weights(tide_context *ctx) {
     const tide_model *m = ctx->model;
     const tide_hparams *hp = &m->hp;
-    int32_t max_owned = 2 + hp->n_layer * 16; /* at most 11 device copies per layer */
+    int32_t max_owned = 2 + hp->n_layer * 16; /* at most 13 device copies per layer */
     ctx->owned = calloc((size_t)max_owned, sizeof(void *));
     ctx->w.layers = calloc((size_t)hp->n_layer, sizeof *ctx->w.layers);
     if (!ctx->owned || !ctx->w.layers) return ctx_fail(ctx, TIDE_ERR_NOMEM, "out of memory");
@@ -54,13 +54,10 @@ static tide_status upload_weights(tide_context *ctx) {
         if ((st = upload_vec(ctx, S->q_norm, hp->head_dim, &D->q_norm))) return st;
         if ((st = upload_vec(ctx, S->k_norm, hp->head_dim, &D->k_norm))) return st;
         if ((st = upload_vec(ctx, S->ffn_norm, hp->n_embd, &D->ffn_norm))) return st;
-        /* q, k, v are row ranges of one tensor: one upload, three views */
-        void *qkv = NULL;
-        size_t nqkv = S->wq.nbytes + S->wk.nbytes + S->wv.nbytes;
-        if ((st = upload_bytes(ctx, S->wq.data, nqkv, &qkv))) return st;
-        D->wq.data = qkv;
-        D->wk.data = (char *)qkv + S->wq.nbytes;
-        D->wv.data = (char *)qkv + S->wq.nbytes + S->wk.nbytes;
+        /* q, k, v: row ranges of one fused tensor or three tensors (model.c), uploaded apart */
+        if ((st = upload_matrix(ctx, &S->wq, &D->wq))) return st;
+        if ((st = upload_matrix(ctx, &S->wk, &D->wk))) return st;
+        if ((st = upload_matrix(ctx, &S->wv, &D->wv))) return st;
         if ((st = upload_matrix(ctx, &S->wo, &D->wo))) return st;
         if (il < hp->n_dense_lead) {
             if ((st = upload_matrix(ctx, &S->ffn_gate, &D->ffn_gate))) return st;

@@ -23,7 +23,8 @@
 typedef struct {
     /* attention */
     const float *attn_norm;     /* [H] input_layernorm */
-    tide_matrix wq, wk, wv;     /* row ranges of attn_qkv: [nQ*hd, H], [nKV*hd, H], [nKV*hd, H] */
+    tide_matrix wq, wk, wv;     /* [nQ*hd, H], [nKV*hd, H], [nKV*hd, H]: row ranges of attn_qkv,
+                                   or attn_q, attn_k, attn_v */
     const float *q_norm;        /* [hd] (NULL when !qk_norm) */
     const float *k_norm;        /* [hd] */
     tide_matrix wo;             /* attn_output [H, nQ*hd] */
@@ -34,7 +35,8 @@ typedef struct {
     tide_matrix router;         /* ffn_gate_inp [E, H], f32 */
     const float *router_bias;   /* exp_probs_b [E] */
     tide_matrix shexp_gate, shexp_up, shexp_down; /* shared experts; rows 0 when none */
-    /* routed experts, always host views into the mapping: [n_expert] each */
+    /* routed experts, always host views into the mapping: [n_expert] each; one tensor per
+     * expert matrix, or slice e of the merged ffn_{gate,up,down}_exps (the same views) */
     tide_matrix *exp_gate, *exp_up, *exp_down;
 } tide_layer_weights;
 
@@ -50,7 +52,8 @@ struct tide_model {
     tide_hparams hp;
     tide_weights w;             /* views into the mapping */
     int32_t n_moe;              /* MoE layers: n_layer - n_dense_lead */
-    /* per MoE layer: the host range that holds all its experts (pinned once per context) */
+    /* per MoE layer: the host range that holds all its experts, per-expert or merged tensors
+     * (pinned once per context) */
     const void **expert_range;  /* [n_moe] */
     size_t *expert_range_bytes; /* [n_moe] */
 };

@@ -1,11 +1,12 @@
 /* test_forward.c: the whole native core through tide.h, for `make sanitize` (ASan + UBSan) and
  * `make test-native`: load a tiny converted GGUF, run logits / commit / step on the cpu backend
  * and on the simulated device under every policy, check sim == cpu bit for bit, the counters'
- * invariants, the error paths (bad arguments, context full, bad settings), and free everything.
+ * invariants, the error paths (bad arguments, context full, bad settings), and free everything;
+ * and the same weights in llama.cpp's layout (merged experts, split attention, 32-byte
+ * alignment: tide_cpp/convert/llama_layout.py) give the same outputs bit for bit.
  *
- * The GGUF is made by Python (tests/hf_checkpoint.py + tide_cpp/convert/): $TIDE_PYTHON, else
- * .venv/bin/python; without either the test is skipped (exit 0), but a Python that fails to
- * build it fails the test (a skip there would hide a broken converter). Numerics against the PyTorch
+ * The GGUF is made by Python (tests/hf_checkpoint.py + convert/): $TIDE_PYTHON, else
+ * .venv/bin/python; without either the test is skipped (exit 0). Numerics against the PyTorch
  * reference are tests/test_forward.py's job.
  */
 #include "tide.h"
@@ -18,7 +19,7 @@
 
 #include "check.h"
 
-/* 0: made; 1: no Python to make it with; -1: the Python failed. */
+/* 0: made; 1: no Python (skip); -1: Python failed (a failure, not a skip). */
 static int make_gguf(const char *path) {
     const char *py = getenv("TIDE_PYTHON");
     if (!py || !*py) py = access(".venv/bin/python", X_OK) == 0 ? ".venv/bin/python" : NULL;
@@ -28,8 +29,10 @@ static int make_gguf(const char *path) {
              "%s -c \"import sys, tempfile; sys.path[:0] = ['tests', '.']; "
              "import hf_checkpoint as h; from tide_cpp.convert import convert; "
              "d = tempfile.mkdtemp(); h.make_checkpoint(d, shape='wide', num_hidden_layers=4); "
-             "convert(d, '%s', outtype='bf16', progress=False); import shutil; shutil.rmtree(d)\"",
-             py, path);
+             "convert(d, '%s', outtype='bf16', progress=False); import shutil; shutil.rmtree(d); "
+             "from tide_cpp.convert.llama_layout import convert as to_llama; "
+             "to_llama('%s', '%s.llama', split_attention=True, alignment=32)\"",
+             py, path, path, path);
     return system(cmd) == 0 ? 0 : -1;
 }
 
@@ -56,11 +59,11 @@ int main(void) {
     snprintf(path, sizeof path, "%s/wide.gguf", dir);
     int made = make_gguf(path);
     if (made == 1) {
-        printf("test_forward: SKIP (no Python with torch to build the tiny GGUF)\n");
+        printf("test_forward: SKIP (no Python to build the tiny GGUF)\n");
         return 0;
     }
     if (made != 0) {
-        printf("test_forward: FAIL (the Python above could not build the tiny GGUF)\n");
+        printf("test_forward: FAIL (building the tiny GGUF with Python failed)\n");
         return 1;
     }
     char err[512];
@@ -111,6 +114,35 @@ int main(void) {
           (unsigned long long)st.steps, (unsigned long long)st.forwards);
     CHECK(tide_last_hits(ctx, (int32_t *)logits, (size_t)n_moe * E) == TIDE_ERR_ARG, "no trace");
     tide_context_free(ctx);
+
+    /* llama.cpp's layout: the same outputs on cpu, and on sim with experts copied from slices */
+    {
+        char lpath[300];
+        snprintf(lpath, sizeof lpath, "%s.llama", path);
+        tide_model *lm = NULL;
+        CHECK(tide_model_load(lpath, &lm, err, sizeof err) == TIDE_OK, "%s", err);
+        tide_hparams lhp;
+        if (lm) tide_model_hparams(lm, &lhp);
+        CHECK(lm && lhp.expert_bytes == hp.expert_bytes && lhp.nonexpert_bytes == hp.nonexpert_bytes,
+              "llama layout: expert bytes");
+        for (int dev = 0; lm && dev < 2; dev++) {
+            tide_context_params lp = p;
+            lp.device = dev ? TIDE_DEVICE_SIM : TIDE_DEVICE_CPU;
+            lp.policy = dev ? TIDE_POLICY_TIDE : TIDE_POLICY_GPU;
+            lp.budget = 3;
+            tide_context *lc = NULL;
+            CHECK(tide_context_create(lm, &lp, &lc, err, sizeof err) == TIDE_OK, "%s", err);
+            if (!lc) continue;
+            CHECK(run(lc, tok, logits, step_tok, step_prob) == 0, "%s", tide_context_error(lc));
+            CHECK(memcmp(logits, ref_logits, sizeof(float) * N * V) == 0 &&
+                      memcmp(step_tok, ref_tok, sizeof step_tok) == 0 &&
+                      memcmp(step_prob, ref_prob, sizeof step_prob) == 0,
+                  "llama layout on %s: outputs differ", dev ? "sim" : "cpu");
+            tide_context_free(lc);
+        }
+        tide_model_free(lm);
+        unlink(lpath);
+    }
 
     /* bad settings */
     int32_t budgets[3] = {1, 2, 3};

@@ -7,9 +7,10 @@ from ..units import fmt_bytes
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("info", help="describe a tide.cpp GGUF file",
+    p = subparsers.add_parser("info", help="describe a LLaDA2 GGUF file",
                               description="Print a GGUF's hyperparameters, tensor count, bytes "
-                                          "per weight type and the size of its routed experts.")
+                                          "per weight type, its layout (this project's or "
+                                          "llama.cpp's) and the size of its routed experts.")
     p.add_argument("model", metavar="MODEL.gguf")
     return p
 
@@ -40,9 +41,13 @@ def run(args):
         if tid is not None:
             text = tokens[tid] if 0 <= tid < len(tokens) else "?"
             print(f"  {k} = {tid} {text}")
+    tj = "embedded" if "tokenizer.huggingface.json" in meta else "none (built from the GGML lists)"
+    print(f"  tokenizer.json: {tj}")
     tpl = meta.get("tokenizer.chat_template")
     print(f"  chat template: {'yes (%d chars)' % len(tpl) if tpl else 'no'}")
     print(f"tensors: {s['n_tensors']}, {fmt_bytes(s['tensor_bytes'])} of data")
+    print(f"  layout: routed experts {s['layout']['experts']}; attention "
+          f"{s['layout']['attention']}")
     for t, n in sorted(s["bytes_by_type"].items(), key=lambda kv: -kv[1]):
         print(f"  {t:6s} {s['tensors_by_type'][t]:6d} tensors  {fmt_bytes(n):>12s}")
     if s["moe_layers"]:

@@ -3,7 +3,8 @@
 Modules, one job each: source (find the files, Hub download), safetensors_reader (headers,
 slices of rows), hparams (config.json -> llada2.* keys), tensor_map (names, shapes, order),
 quant (storage types, encoding), tokenizer_meta (tokenizer.* keys), hf_to_gguf (streaming
-writer), cli (command line)."""
+writer), cli (command line); llama_layout rewrites a GGUF of ours in llama.cpp's layout
+(merged experts; `python -m tide_cpp.convert.llama_layout`)."""
 
 
 def __getattr__(name):
