@@ -5,9 +5,10 @@
  * and the same weights in llama.cpp's layout (merged experts, split attention, 32-byte
  * alignment: tide_cpp/convert/llama_layout.py) give the same outputs bit for bit.
  *
- * The GGUF is made by Python (tests/hf_checkpoint.py + convert/): $TIDE_PYTHON, else
- * .venv/bin/python; without either the test is skipped (exit 0). Numerics against the PyTorch
- * reference are tests/test_forward.py's job.
+ * The GGUF is made by Python (tests/hf_checkpoint.py + tide_cpp/convert/): $TIDE_PYTHON, else
+ * .venv/bin/python; without either the test is skipped (exit 0), but a Python that fails to
+ * build it fails the test (a skip there would hide a broken converter). Numerics against the
+ * PyTorch reference are tests/test_forward.py's job.
  */
 #include "tide.h"
 
