@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 
+import decode_drive
 from tide_cpp import Model, TideError
 from tide_cpp import _lib
 from tide_cpp.convert import llama_layout
@@ -34,23 +35,7 @@ def llama_gguf(tiny_gguf, tmp_path_factory):
 
 
 def drive(m, ids, n_steps=4):
-    """Prefill a block, then per block a few steps (each writes a token back so the routing
-    moves) and a commit; then a full logits call. Every output, in order."""
-    m.set_block_length(BL)
-    m.reset()
-    outs = []
-    m.commit(ids[:BL])
-    for b in range(1, len(ids) // BL):
-        blk = ids[b * BL:(b + 1) * BL].copy()
-        want = np.ones(BL, bool)
-        for s in range(n_steps):
-            tok, prob = m.step(blk, want, step_in_block=s)
-            outs += [tok, prob]
-            blk[s] = tok[s]
-            want[s] = False
-        m.commit(blk)
-    outs.append(m.logits(ids, block_length=BL))
-    return outs
+    return decode_drive.drive(m, ids, BL, n_steps)
 
 
 def run(path, ids, **kw):

@@ -8,30 +8,14 @@ import re
 import numpy as np
 import pytest
 
+import decode_drive
 from tide_cpp import Model, TideError
 
 BL = 8  # block length of the driven decode
 
 
 def drive(m, ids, n_steps=5):
-    """A decode-shaped sequence of forwards: prefill block 0, then per block n_steps steps (each
-    writes one of its tokens back, so the routing moves) and a commit; then a full logits call.
-    Returns every output, in order."""
-    m.set_block_length(BL)
-    m.reset()
-    outs = []
-    m.commit(ids[:BL])
-    for b in range(1, len(ids) // BL):
-        blk = ids[b * BL:(b + 1) * BL].copy()
-        want = np.ones(BL, bool)
-        for s in range(n_steps):
-            tok, prob = m.step(blk, want, step_in_block=s)
-            outs += [tok, prob]
-            blk[s] = tok[s]
-            want[s] = False
-        m.commit(blk)
-    outs.append(m.logits(ids, block_length=BL))
-    return outs
+    return decode_drive.drive(m, ids, BL, n_steps)
 
 
 def ids_for(cfg, n, seed=0):
