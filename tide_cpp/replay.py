@@ -152,10 +152,6 @@ class ReplayResult:
     def h2d_bytes(self) -> np.ndarray:
         return self.promoted * self.expert_bytes
 
-    @property
-    def setup_h2d_bytes(self) -> np.ndarray:
-        return self.setup_promoted * self.expert_bytes
-
     def layer_totals(self, moe_layer: int, include_setup: bool = True) -> dict:
         """Totals of one layer, named as tide_layer_stats names them."""
         s = int(self.setup_promoted[moe_layer]) if include_setup else 0

@@ -239,10 +239,6 @@ class Tokenizer:
     def id_to_token(self, token_id):
         return self._tok.id_to_token(int(token_id))
 
-    def token_text(self, token_id):
-        """The text one token shows on its own (for the visual canvas)."""
-        return self._tok.decode([int(token_id)], skip_special_tokens=False)
-
     # ---- chat --------------------------------------------------------------------------------
 
     @property
