@@ -94,6 +94,7 @@ void tide_context_close(tide_context *ctx) {
     }
     free(ctx->k_cache);
     free(ctx->v_cache);
+    free(ctx->tokens);
     free(ctx->owned);
     free(ctx->w.layers);
     tide_pool_free(ctx->pool);
@@ -122,9 +123,10 @@ static tide_status new_backend(tide_context *ctx, char *err, size_t err_len) {
 static tide_status alloc_kv_cache(tide_context *ctx) {
     const tide_hparams *hp = &ctx->model->hp;
     size_t kv_bytes = (size_t)ctx->n_ctx * (size_t)hp->n_head_kv * (size_t)hp->head_dim * sizeof(float);
+    ctx->tokens = calloc((size_t)ctx->n_ctx, sizeof(int32_t));
     ctx->k_cache = calloc((size_t)hp->n_layer, sizeof(float *));
     ctx->v_cache = calloc((size_t)hp->n_layer, sizeof(float *));
-    if (!ctx->k_cache || !ctx->v_cache) return ctx_fail(ctx, TIDE_ERR_NOMEM, "out of memory");
+    if (!ctx->tokens || !ctx->k_cache || !ctx->v_cache) return ctx_fail(ctx, TIDE_ERR_NOMEM, "out of memory");
     for (int32_t il = 0; il < hp->n_layer; il++) {
         TRY(be_check(ctx, ctx->be->buf->alloc(ctx->be, kv_bytes, (void **)&ctx->k_cache[il]),
                      "allocating the KV cache"));
