@@ -192,3 +192,50 @@ def test_prompt_longer_than_context_is_a_clear_error(gguf):
     with Model(gguf, n_threads=1, n_ctx=64) as m:
         with pytest.raises(ValueError, match="no room in the context"):
             m.generate(ids_of(80), block_length=B, steps=4)
+
+
+def test_cli_prompt_cache_across_processes(gguf, tmp_path, capsys):
+    from tide_cpp import cli
+
+    cache = tmp_path / "prompt.cache"
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    base = ["generate", "-m", gguf, "--device", "cpu", "--threads", "1", "--n-ctx", "128",
+            "--block-length", str(B), "--steps", "4", "--max-tokens", "8", "-p", prompt]
+    assert cli.main(base) == 0
+    plain = capsys.readouterr()
+    assert cli.main(base + ["--prompt-cache", str(cache)]) == 0
+    first = capsys.readouterr()
+    assert cache.exists() and "from the cache" not in first.err
+    assert cli.main(base + ["--prompt-cache", str(cache)]) == 0
+    second = capsys.readouterr()
+    assert "from the cache" in second.err
+    assert plain.out == first.out == second.out
+    # a cache of another model is refused with the reason, and the answer is computed afresh
+    cache.write_bytes(b"TIDESTAT" + b"\0" * 100)
+    assert cli.main(base + ["--prompt-cache", str(cache)]) == 0
+    third = capsys.readouterr()
+    assert "prompt cache not used" in third.err and third.out == plain.out
+
+
+def test_chat_turn_prefills_only_its_new_tokens(gguf):
+    turn1 = [{"role": "system", "content": "You answer briefly. " * 4},
+             {"role": "user", "content": "What is 37 plus 48?"}]
+    kw = dict(max_tokens=16, block_length=B, steps=4)
+    with Model(gguf, n_threads=2, n_ctx=256, trace=True) as warm, \
+            Model(gguf, n_threads=2, n_ctx=256, trace=True) as fresh:
+        answer = warm.create_chat_completion(turn1, **kw)["choices"][0]["message"]["content"]
+        turn2 = turn1 + [{"role": "assistant", "content": answer},
+                         {"role": "user", "content": "And 12 times 3?"}]
+        warm.clear_trace()
+        got = warm.create_chat_completion(turn2, **kw)
+        ref = fresh.create_chat_completion(turn2, **kw)
+        assert got["choices"][0]["message"] == ref["choices"][0]["message"]
+
+        def prefilled(m):
+            t = m.trace()
+            first_step = list(t["kind"]).index(0)
+            return int(t["n_tokens"][:first_step].sum())
+
+        n_prompt = ref["usage"]["prompt_tokens"]
+        assert prefilled(fresh) == n_prompt // B * B
+        assert prefilled(warm) < prefilled(fresh) - 2 * B   # the first turn came from the cache

@@ -37,6 +37,11 @@ def add_model_options(p):
                    help="host threads (default: all cores)")
     g.add_argument("--n-ctx", type=_positive(int), default=None, metavar="N",
                    help="context length in tokens (default: min(training context, 4096))")
+    g.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="keep the prompt's cache in FILE across runs: read at start when it "
+                        "exists (a file of another model or build is refused and recomputed), "
+                        "written after every answer; a prompt that starts as the cached one "
+                        "prefills only the rest")
     o = p.add_argument_group("expert offload")
     o.add_argument("--policy", choices=["gpu", "cpu", "static", "swap", "tide", "auto"],
                    default=None,
@@ -104,6 +109,31 @@ def load_model(args, trace=False):
     return Model(args.model, **kw)
 
 
+def load_prompt_cache(model, args, err=sys.stderr):
+    """--prompt-cache FILE: the cache saved by an earlier run, when FILE exists and fits this
+    model and build (else a note saying why, and the prompt is computed afresh)."""
+    import os
+
+    path = getattr(args, "prompt_cache", None)
+    if not path or not os.path.exists(path):
+        return
+    try:
+        model.load_state(path)
+    except RuntimeError as e:  # TideError: another model, build, context, or a damaged file
+        print(f"tide-cli: prompt cache not used: {e}", file=err)
+
+
+def save_prompt_cache(model, args, err=sys.stderr):
+    """--prompt-cache FILE: write the cache now (atomically)."""
+    path = getattr(args, "prompt_cache", None)
+    if not path:
+        return
+    try:
+        model.save_state(path)
+    except RuntimeError as e:
+        print(f"tide-cli: prompt cache not saved: {e}", file=err)
+
+
 def error(msg):
     print(f"tide-cli: error: {msg}", file=sys.stderr)
     return 1
@@ -122,7 +152,9 @@ def stats_lines(gen_stats, model_stats=None):
     s = gen_stats
     lines = [
         f"tokens: {s['tokens']} in {s['seconds']:.2f} s ({s['tokens_per_second']:.1f} tokens/s), "
-        f"prompt {s['prompt_tokens']} tokens",
+        f"prompt {s['prompt_tokens']} tokens"
+        + (f" ({s['prompt_tokens_reused']} from the cache)" if s.get("prompt_tokens_reused")
+           else ""),
         f"diffusion: {s['steps']} steps over {s['blocks']} blocks of {s['block_length']}, "
         f"{s['tokens_per_forward']:.2f} tokens per forward",
     ]
