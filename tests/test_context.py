@@ -239,3 +239,22 @@ def test_chat_turn_prefills_only_its_new_tokens(gguf):
         n_prompt = ref["usage"]["prompt_tokens"]
         assert prefilled(fresh) == n_prompt // B * B
         assert prefilled(warm) < prefilled(fresh) - 2 * B   # the first turn came from the cache
+
+
+def test_n_ctx_default_explicit_and_too_large(gguf):
+    with Model(gguf, n_threads=1) as m:
+        assert m.n_ctx == m.hparams["n_ctx_train"]
+        per = m.cache_bytes // m.n_ctx
+        assert per == 2 * m.hparams["n_layer"] * m.hparams["n_head_kv"] * m.hparams["head_dim"] * 4
+    # a device whose memory holds the weights and a short cache only
+    with Model(gguf, device="sim", n_threads=1, n_ctx=64) as m:
+        need = m.cache_bytes
+        weights = m.stats()["weights_h2d_bytes"]
+    budget = weights + (1 << 20) + 600 * per * 2
+    with pytest.warns(RuntimeWarning, match="fits in half of the free memory"):
+        m = Model(gguf, device="sim", policy="cpu", n_threads=1, device_memory=budget)
+    with m:
+        assert 256 <= m.n_ctx < m.hparams["n_ctx_train"] and m.n_ctx % 256 == 0
+    with pytest.raises(TideError, match=r"n_ctx 4096: the KV cache needs \d+ bytes .* free on sim"):
+        Model(gguf, device="sim", policy="cpu", n_threads=1, device_memory=budget, n_ctx=4096)
+    assert need == 64 * per

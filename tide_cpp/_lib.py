@@ -127,6 +127,8 @@ def _declare(lib):
         ("tide_reset", [_ctx_p], None),
         ("tide_n_past", [_ctx_p], c_int32),
         ("tide_n_ctx", [_ctx_p], c_int32),
+        ("tide_cache_bytes", [_ctx_p], c_uint64),
+        ("tide_cache_block_length", [_ctx_p], c_int32),
         ("tide_commit", [_ctx_p, POINTER(c_int32), c_int32], c_int),
         ("tide_commit_blocks", [_ctx_p, POINTER(c_int32), c_int32, c_int32], c_int),
         ("tide_commit_batch_end", [_ctx_p, c_int32, c_int32], c_int32),

@@ -112,6 +112,12 @@ class Model:
             self.close()
             raise TideError(st, err.value.decode("utf-8", "replace"))
         self._ctx = cp
+        if n_ctx is None and self.n_ctx < hp.n_ctx_train:
+            import warnings
+            warnings.warn(f"n_ctx: {self.n_ctx} tokens, not the model's {hp.n_ctx_train}: that is "
+                          f"what fits in half of the free memory of {device} (KV cache "
+                          f"{self.cache_bytes / 2**30:.2f} GiB); pass n_ctx to choose",
+                          RuntimeWarning, stacklevel=2)
         self._policy = policy if device != "cpu" else "cpu"
         self._refresh_interval = interval
         self._trace_on = bool(trace)
@@ -171,6 +177,12 @@ class Model:
     def n_ctx(self):
         self._check_open()
         return self._lib.tide_n_ctx(self._ctx)
+
+    @property
+    def cache_bytes(self):
+        """Bytes of the KV cache (keys and values of every layer, n_ctx tokens)."""
+        self._check_open()
+        return int(self._lib.tide_cache_bytes(self._ctx))
 
     @property
     def policy(self):

@@ -82,7 +82,10 @@ typedef struct {
 typedef struct {
     int32_t device;           /* tide_device */
     int32_t n_threads;        /* host threads; <= 0: all cores */
-    int32_t n_ctx;            /* KV cache length in tokens; <= 0: min(n_ctx_train, 4096) */
+    int32_t n_ctx;            /* KV cache length in tokens; refused (naming the bytes needed and
+                                 free) when its cache does not fit in the free memory. <= 0: the
+                                 model's own (n_ctx_train), lowered in steps of 256 to what fits
+                                 in half of the free memory (tide_n_ctx tells) */
     int32_t policy;           /* tide_policy */
     int32_t budget;           /* resident expert slots per MoE layer (when budgets == NULL) */
     const int32_t *budgets;   /* optional: one budget per MoE layer, n_budgets entries */
@@ -164,6 +167,8 @@ TIDE_API tide_status tide_set_popularity(tide_context *ctx, const float *counts,
 TIDE_API void tide_reset(tide_context *ctx);
 TIDE_API int32_t tide_n_past(const tide_context *ctx);
 TIDE_API int32_t tide_n_ctx(const tide_context *ctx);
+/* Bytes of the KV cache: keys and values of every layer for n_ctx tokens. */
+TIDE_API uint64_t tide_cache_bytes(const tide_context *ctx);
 /* Forward one finished block (all n tokens see each other and the cache) at positions
  * n_past .. n_past+n-1 and append its keys/values to the cache. Prefill is one call per block. */
 TIDE_API tide_status tide_commit(tide_context *ctx, const int32_t *tokens, int32_t n);

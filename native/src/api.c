@@ -85,12 +85,11 @@ tide_status tide_context_create(const tide_model *model, const tide_context_para
     *out = NULL;
     if (!model) return tide_errf(err, err_len, TIDE_ERR_ARG, "model is NULL");
     tide_context_params p = params ? *params : tide_context_default_params();
-    const tide_hparams *hp = &model->hp;
     if (p.device < TIDE_DEVICE_CPU || p.device > TIDE_DEVICE_CUDA)
         return tide_errf(err, err_len, TIDE_ERR_ARG, "device: unknown device %d", p.device);
     TRY(check_residency_args(model->n_moe, p.policy, p.budget, p.budgets, p.n_budgets,
                              p.refresh_interval, err, err_len));
-    if (p.n_ctx <= 0) p.n_ctx = hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
+    if (p.n_ctx < 0) p.n_ctx = 0; /* the model's own, as memory allows (context.c) */
     if (p.n_ctx > (1 << 22))
         return tide_errf(err, err_len, TIDE_ERR_ARG, "n_ctx: %d too large", p.n_ctx);
     if (p.prefetch < 0)
@@ -136,6 +135,7 @@ void tide_reset(tide_context *ctx) {
 }
 int32_t tide_n_past(const tide_context *ctx) { return ctx ? ctx->n_past : 0; }
 int32_t tide_n_ctx(const tide_context *ctx) { return ctx ? ctx->n_ctx : 0; }
+uint64_t tide_cache_bytes(const tide_context *ctx) { return ctx ? tide_context_cache_bytes(ctx) : 0; }
 
 static tide_status check_tokens(tide_context *ctx, const int32_t *tokens, int32_t n) {
     if (!tokens || n <= 0) return ctx_fail(ctx, TIDE_ERR_ARG, "tokens: empty (n = %d)", n);

@@ -120,8 +120,49 @@ static tide_status new_backend(tide_context *ctx, char *err, size_t err_len) {
     return TIDE_OK;
 }
 
+/* Bytes of cache one token takes: keys and values of every layer. */
+static uint64_t cache_bytes_per_token(const tide_hparams *hp) {
+    return 2ull * (uint64_t)hp->n_layer * (uint64_t)hp->n_head_kv * (uint64_t)hp->head_dim *
+           sizeof(float);
+}
+
+uint64_t tide_context_cache_bytes(const tide_context *ctx) {
+    return cache_bytes_per_token(&ctx->model->hp) * (uint64_t)ctx->n_ctx;
+}
+
+/* The context length: the caller's, if its cache fits in the free memory (else an error naming
+ * both), or by default the model's own, lowered to what fits in half of the free memory (the
+ * rest stays for expert slots and activations), in steps of 256 tokens. */
+static tide_status choose_n_ctx(tide_context *ctx) {
+    const tide_hparams *hp = &ctx->model->hp;
+    uint64_t per = cache_bytes_per_token(hp), free_b = 0, total_b = 0;
+    TRY(be_check(ctx, ctx->be->dev->mem_free(ctx->be, &free_b, &total_b), "free memory"));
+    if (ctx->params.n_ctx > 0) {
+        uint64_t need = per * (uint64_t)ctx->params.n_ctx;
+        if (need > free_b)
+            return ctx_fail(ctx, TIDE_ERR_NOMEM,
+                            "n_ctx %d: the KV cache needs %llu bytes (%.2f GiB), %llu bytes "
+                            "(%.2f GiB) free on %s",
+                            ctx->params.n_ctx, (unsigned long long)need, need / 1073741824.0,
+                            (unsigned long long)free_b, free_b / 1073741824.0,
+                            ctx->be->dev->name);
+        ctx->n_ctx = ctx->params.n_ctx;
+        return TIDE_OK;
+    }
+    int64_t fit = (int64_t)(free_b / 2 / per);
+    int64_t n = hp->n_ctx_train < fit ? hp->n_ctx_train : fit / 256 * 256;
+    if (n < 1)
+        return ctx_fail(ctx, TIDE_ERR_NOMEM,
+                        "no room for a KV cache: %llu bytes a token, %llu bytes free on %s",
+                        (unsigned long long)per, (unsigned long long)free_b, ctx->be->dev->name);
+    if (n > (1 << 22)) n = 1 << 22;
+    ctx->n_ctx = (int32_t)n;
+    return TIDE_OK;
+}
+
 static tide_status alloc_kv_cache(tide_context *ctx) {
     const tide_hparams *hp = &ctx->model->hp;
+    TRY(choose_n_ctx(ctx));
     size_t kv_bytes = (size_t)ctx->n_ctx * (size_t)hp->n_head_kv * (size_t)hp->head_dim * sizeof(float);
     ctx->tokens = calloc((size_t)ctx->n_ctx, sizeof(int32_t));
     ctx->k_cache = calloc((size_t)hp->n_layer, sizeof(float *));

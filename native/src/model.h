@@ -184,6 +184,8 @@ tide_status tide_context_open(const tide_model *model, const tide_context_params
                               const int32_t *budgets, tide_context **out, char *err,
                               size_t err_len);
 void tide_context_close(tide_context *ctx);
+/* Bytes of the KV cache (every layer, keys and values, n_ctx tokens). */
+uint64_t tide_context_cache_bytes(const tide_context *ctx);
 
 /* state.c: the cache (ids, keys, values) to and from a file; format and checks there. */
 tide_status tide_state_write(tide_context *ctx, const char *path);

@@ -517,6 +517,8 @@ static void test_attention(void) {
         {32, 32, 64, 32, 4, 2, 128, 0}, /* a step: block 32 against a cache of one block */
         {5, 64, 69, 32, 2, 1, 40, 8},   /* partial block */
         {40, 0, 40, 32, 2, 2, 8, 0},    /* prefill of 1.25 blocks */
+        {32, 4096, 4128, 32, 8, 2, 128, 0}, /* a step after 4096 cached: many tiles */
+        {64, 4160, 4224, 32, 4, 1, 64, 5},  /* two blocks of a prefill micro-batch, long cache */
     };
     tide_pool *pools[5] = {NULL, P2, P3, S2, A2};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {

@@ -36,7 +36,8 @@ def add_model_options(p):
     g.add_argument("--threads", type=_positive(int), default=None, metavar="N",
                    help="host threads (default: all cores)")
     g.add_argument("--n-ctx", type=_positive(int), default=None, metavar="N",
-                   help="context length in tokens (default: min(training context, 4096))")
+                   help="context length in tokens (default: the model's own, or what fits in half "
+                        "of the free memory)")
     g.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="keep the prompt's cache in FILE across runs: read at start when it "
                         "exists (a file of another model or build is refused and recomputed), "
@@ -132,6 +133,11 @@ def save_prompt_cache(model, args, err=sys.stderr):
         model.save_state(path)
     except RuntimeError as e:
         print(f"tide-cli: prompt cache not saved: {e}", file=err)
+
+
+def context_line(model):
+    """`context: N tokens, KV cache X` for start-up messages."""
+    return f"context: {model.n_ctx} tokens, KV cache {fmt_bytes(model.cache_bytes)}"
 
 
 def error(msg):

@@ -155,8 +155,9 @@ def run(args):
             generation.check_params(model, [], **kw)  # bad options fail now, not at the 1st turn
         except ValueError as e:
             return _options.error(e)
-        print(f"tide.cpp chat: {args.model} ({getattr(model, 'device', '?')}). "
-              "/help for commands, Ctrl-D to leave.", file=sys.stderr)
+        print(f"tide.cpp chat: {args.model} ({getattr(model, 'device', '?')}, "
+              f"{_options.context_line(model)}). /help for commands, Ctrl-D to leave.",
+              file=sys.stderr)
         while True:
             try:
                 line = _read_line(">>> ")
