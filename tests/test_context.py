@@ -258,3 +258,30 @@ def test_n_ctx_default_explicit_and_too_large(gguf):
     with pytest.raises(TideError, match=r"n_ctx 4096: the KV cache needs \d+ bytes .* free on sim"):
         Model(gguf, device="sim", policy="cpu", n_threads=1, device_memory=budget, n_ctx=4096)
     assert need == 64 * per
+
+
+@pytest.mark.parametrize("cache_type", ["f16", "bf16"])
+def test_half_cache(gguf, tmp_path, cache_type):
+    ids = ids_of(48)
+    with Model(gguf, n_threads=2, n_ctx=64) as ref, \
+            Model(gguf, n_threads=2, n_ctx=64, cache_type=cache_type) as half, \
+            Model(gguf, device="sim", n_threads=2, n_ctx=64, cache_type=cache_type,
+                  n_batch=8) as sim:
+        assert half.cache_bytes * 2 == ref.cache_bytes
+        block = ids[40:48].copy()
+        want = np.ones(B, bool)
+        out = []
+        for m in (ref, half, sim):
+            m.commit(ids[:40], block_length=B)
+            out.append(m.step(block, want, 0))
+        # rounding the cached keys and values moves the result a little, never a lot
+        diff = np.abs(out[0][1] - out[1][1]).max()
+        assert 0 < diff < (0.02 if cache_type == "f16" else 0.1)
+        # and the half cache is as row-deterministic as the f32 one: micro-batches, device
+        np.testing.assert_array_equal(out[1][0], out[2][0])
+        np.testing.assert_array_equal(out[1][1].view(np.uint32), out[2][1].view(np.uint32))
+        assert cache_bytes(half, tmp_path / "h") == cache_bytes(sim, tmp_path / "s")
+        with pytest.raises(TideError, match=f"cache type {cache_type}, this context's is f32"):
+            ref.load_state(tmp_path / "h")
+    with pytest.raises(ValueError, match="cache_type"):
+        Model(gguf, cache_type="q8_0")

@@ -20,6 +20,8 @@ STATUS_NAMES = {OK: "ok", ERR_IO: "io", ERR_FORMAT: "format", ERR_MODEL: "model"
 # tide_type
 TYPE_F32, TYPE_F16, TYPE_Q8_0, TYPE_BF16 = 0, 1, 8, 30
 TYPE_NAMES = {TYPE_F32: "f32", TYPE_F16: "f16", TYPE_Q8_0: "q8_0", TYPE_BF16: "bf16"}
+# KV cache types (tide_context_params.cache_type)
+CACHE_TYPES = {"f32": TYPE_F32, "f16": TYPE_F16, "bf16": TYPE_BF16}
 # tide_device
 DEVICE_CPU, DEVICE_SIM, DEVICE_CUDA = 0, 1, 2
 DEVICES = {"cpu": DEVICE_CPU, "sim": DEVICE_SIM, "cuda": DEVICE_CUDA}
@@ -54,7 +56,8 @@ class tide_context_params(Structure):
         ("device", c_int32), ("n_threads", c_int32), ("n_ctx", c_int32), ("policy", c_int32),
         ("budget", c_int32), ("budgets", POINTER(c_int32)), ("n_budgets", c_int32),
         ("refresh_interval", c_int32), ("trace", c_int32), ("device_memory", c_uint64),
-        ("cuda_device", c_int32), ("prefetch", c_int32), ("n_batch", c_int32)]
+        ("cuda_device", c_int32), ("prefetch", c_int32), ("n_batch", c_int32),
+        ("cache_type", c_int32)]
 
 
 class tide_sampling(Structure):

@@ -42,11 +42,16 @@ class Model:
     refresh_interval is TIDE's tau. prefetch_experts=N (tide): at a refresh, up to N experts per
     MoE layer, predicted from the layer's previous routing, are copied while the layers before
     it compute; promotions they predicted need no copy of their own (stats: prefetch_bytes,
-    prefetch_used). trace=True records the routing of every forward (CONTRACTS.md section 4)."""
+    prefetch_used). trace=True records the routing of every forward (CONTRACTS.md section 4).
+    n_ctx: the context (None: the model's own, or what fits in half of the free memory).
+    cache_type "f32" (exact) or "f16" / "bf16": a KV cache of half the memory, whose keys and
+    values are rounded when stored, so results change in the last bits. n_batch: rows per
+    forward of a prefill (micro-batch, whole blocks; default 512)."""
 
     def __init__(self, path, device="cpu", n_threads=None, n_ctx=None, policy="gpu",
                  gpu_experts=None, refresh_interval=4, trace=False, device_memory=None,
-                 popularity=None, verbose=False, prefetch_experts=0, n_batch=None):
+                 popularity=None, verbose=False, prefetch_experts=0, n_batch=None,
+                 cache_type="f32"):
         self._model = None
         self._ctx = None
         self._lib = _lib.lib()
@@ -62,6 +67,9 @@ class Model:
         if n_batch is not None and (not isinstance(n_batch, (int, np.integer))
                                     or isinstance(n_batch, bool) or n_batch < 1):
             raise ValueError(f"n_batch: {n_batch!r}, must be a positive int or None")
+        if cache_type not in _lib.CACHE_TYPES:
+            raise ValueError(f"cache_type: {cache_type!r}, expected one of "
+                             f"{', '.join(_lib.CACHE_TYPES)}")
         if device_memory is not None and device_memory < 0:
             raise ValueError(f"device_memory: {device_memory!r} is negative")
         if device == "auto":
@@ -105,6 +113,7 @@ class Model:
         p.device_memory = int(device_memory or 0)
         p.prefetch = int(prefetch_experts)
         p.n_batch = int(n_batch or 0)
+        p.cache_type = _lib.CACHE_TYPES[cache_type]
         cp = ctypes.c_void_p()
         st = self._lib.tide_context_create(self._model, ctypes.byref(p), ctypes.byref(cp), err,
                                            _ERR_LEN)
@@ -123,6 +132,7 @@ class Model:
         self._trace_on = bool(trace)
         self.device_memory = int(device_memory) if device_memory else None
         self.prefetch_experts = int(prefetch_experts)
+        self.cache_type = cache_type
         self._trace = {"hits": [], "kind": [], "block": [], "step": [], "n_tokens": []}
         self._block_length = None
         if popularity is not None:

@@ -99,6 +99,9 @@ typedef struct {
                                  compute (0: off). Changes where bytes move, never the result. */
     int32_t n_batch;          /* rows per forward of a multi-block commit (a prefill micro-batch,
                                  rounded to whole blocks); <= 0: 512 */
+    int32_t cache_type;       /* tide_type of the KV cache: TIDE_TYPE_F32 (0, the default: exact),
+                                 TIDE_TYPE_F16 or TIDE_TYPE_BF16 (half the memory; keys and values
+                                 rounded when stored, so results change in the last bits) */
 } tide_context_params;
 
 /* Sampling of one step: temperature 0 with top_k <= 0 and top_p >= 1 is greedy. */

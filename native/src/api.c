@@ -95,6 +95,11 @@ tide_status tide_context_create(const tide_model *model, const tide_context_para
     if (p.prefetch < 0)
         return tide_errf(err, err_len, TIDE_ERR_ARG, "prefetch: %d is negative", p.prefetch);
     if (p.n_batch <= 0) p.n_batch = 512;
+    if (p.cache_type != TIDE_TYPE_F32 && p.cache_type != TIDE_TYPE_F16 &&
+        p.cache_type != TIDE_TYPE_BF16)
+        return tide_errf(err, err_len, TIDE_ERR_ARG,
+                         "cache_type: %d, expected f32 (%d), f16 (%d) or bf16 (%d)", p.cache_type,
+                         TIDE_TYPE_F32, TIDE_TYPE_F16, TIDE_TYPE_BF16);
     return tide_context_open(model, &p, p.budgets, out, err, err_len);
 }
 

@@ -121,13 +121,13 @@ static tide_status new_backend(tide_context *ctx, char *err, size_t err_len) {
 }
 
 /* Bytes of cache one token takes: keys and values of every layer. */
-static uint64_t cache_bytes_per_token(const tide_hparams *hp) {
-    return 2ull * (uint64_t)hp->n_layer * (uint64_t)hp->n_head_kv * (uint64_t)hp->head_dim *
-           sizeof(float);
+static uint64_t cache_bytes_per_token(const tide_hparams *hp, int32_t cache_type) {
+    return 2ull * (uint64_t)hp->n_layer *
+           tide_row_bytes(cache_type, (int64_t)hp->n_head_kv * hp->head_dim);
 }
 
 uint64_t tide_context_cache_bytes(const tide_context *ctx) {
-    return cache_bytes_per_token(&ctx->model->hp) * (uint64_t)ctx->n_ctx;
+    return cache_bytes_per_token(&ctx->model->hp, ctx->cache_type) * (uint64_t)ctx->n_ctx;
 }
 
 /* The context length: the caller's, if its cache fits in the free memory (else an error naming
@@ -135,7 +135,7 @@ uint64_t tide_context_cache_bytes(const tide_context *ctx) {
  * rest stays for expert slots and activations), in steps of 256 tokens. */
 static tide_status choose_n_ctx(tide_context *ctx) {
     const tide_hparams *hp = &ctx->model->hp;
-    uint64_t per = cache_bytes_per_token(hp), free_b = 0, total_b = 0;
+    uint64_t per = cache_bytes_per_token(hp, ctx->cache_type), free_b = 0, total_b = 0;
     TRY(be_check(ctx, ctx->be->dev->mem_free(ctx->be, &free_b, &total_b), "free memory"));
     if (ctx->params.n_ctx > 0) {
         uint64_t need = per * (uint64_t)ctx->params.n_ctx;
@@ -163,15 +163,16 @@ static tide_status choose_n_ctx(tide_context *ctx) {
 static tide_status alloc_kv_cache(tide_context *ctx) {
     const tide_hparams *hp = &ctx->model->hp;
     TRY(choose_n_ctx(ctx));
-    size_t kv_bytes = (size_t)ctx->n_ctx * (size_t)hp->n_head_kv * (size_t)hp->head_dim * sizeof(float);
+    size_t kv_bytes = (size_t)ctx->n_ctx *
+                      tide_row_bytes(ctx->cache_type, (int64_t)hp->n_head_kv * hp->head_dim);
     ctx->tokens = calloc((size_t)ctx->n_ctx, sizeof(int32_t));
-    ctx->k_cache = calloc((size_t)hp->n_layer, sizeof(float *));
-    ctx->v_cache = calloc((size_t)hp->n_layer, sizeof(float *));
+    ctx->k_cache = calloc((size_t)hp->n_layer, sizeof(void *));
+    ctx->v_cache = calloc((size_t)hp->n_layer, sizeof(void *));
     if (!ctx->tokens || !ctx->k_cache || !ctx->v_cache) return ctx_fail(ctx, TIDE_ERR_NOMEM, "out of memory");
     for (int32_t il = 0; il < hp->n_layer; il++) {
-        TRY(be_check(ctx, ctx->be->buf->alloc(ctx->be, kv_bytes, (void **)&ctx->k_cache[il]),
+        TRY(be_check(ctx, ctx->be->buf->alloc(ctx->be, kv_bytes, &ctx->k_cache[il]),
                      "allocating the KV cache"));
-        TRY(be_check(ctx, ctx->be->buf->alloc(ctx->be, kv_bytes, (void **)&ctx->v_cache[il]),
+        TRY(be_check(ctx, ctx->be->buf->alloc(ctx->be, kv_bytes, &ctx->v_cache[il]),
                      "allocating the KV cache"));
     }
     return TIDE_OK;
@@ -195,6 +196,7 @@ tide_status tide_context_open(const tide_model *model, const tide_context_params
     ctx->params = *p;
     ctx->params.budgets = NULL; /* not kept: the caller's array */
     ctx->n_ctx = p->n_ctx;
+    ctx->cache_type = p->cache_type;
     ctx->policy = p->policy;
     tide_status st = tide_pool_new(p->n_threads, &ctx->pool);
     if (st != TIDE_OK) {

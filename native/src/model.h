@@ -136,9 +136,10 @@ struct tide_context {
     tide_weights w;             /* weights where the backend reads them */
     void **owned;               /* device copies to free */
     int32_t n_owned;
-    /* KV cache, per layer [n_ctx, nKV*hd] f32 on the device */
+    /* KV cache, per layer [n_ctx, nKV*hd] of cache_type on the device */
     int32_t n_ctx, n_past;
-    float **k_cache, **v_cache;
+    void **k_cache, **v_cache;  /* rows of cache_type (f32, f16 or bf16) */
+    int32_t cache_type;
     int32_t *tokens;            /* [n_ctx] the token ids behind cache rows 0 .. n_past-1 (host) */
     int32_t cache_block;        /* the block length every cached row was committed under; 0:
                                    empty, -1: mixed (tide_cache_block_length) */

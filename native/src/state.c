@@ -3,10 +3,10 @@
  *
  * File, little endian:
  *   "TIDESTAT"  u32 format   u32 abi    u64 build id    u64 model id
- *   u32 cache type (tide_type of the stored rows)   u32 n_layer   u32 row floats (nKV*hd)
+ *   u32 cache type (tide_type of the stored rows: f32, f16, bf16)   u32 n_layer   u32 row floats (nKV*hd)
  *   u32 n_tokens   i32 block length of the rows (tide_cache_block_length)   u32 0
  *   i32 ids[n_tokens]
- *   per layer: K rows [n_tokens][row], then V rows [n_tokens][row]
+ *   per layer: K rows [n_tokens][row], then V rows [n_tokens][row], of the cache type
  * The build id is a hash of the library file itself (the kernels that wrote the rows), the model
  * id a hash of the hyperparameters, the file's size, its metadata and the first and last bytes
  * of its tensor data. A file whose ids differ was computed by other code or weights: refused,
@@ -73,6 +73,10 @@ static uint64_t model_id(const tide_model *m) {
     return h;
 }
 
+static const char *type_name(uint32_t t) {
+    return t == TIDE_TYPE_F32 ? "f32" : t == TIDE_TYPE_F16 ? "f16" : t == TIDE_TYPE_BF16 ? "bf16" : "?";
+}
+
 static void header_of(const tide_context *ctx, uint64_t build, state_header *hd) {
     const tide_hparams *hp = &ctx->model->hp;
     memset(hd, 0, sizeof *hd);
@@ -81,7 +85,7 @@ static void header_of(const tide_context *ctx, uint64_t build, state_header *hd)
     hd->abi = TIDE_ABI_VERSION;
     hd->build_id = build;
     hd->model_id = model_id(ctx->model);
-    hd->cache_type = TIDE_TYPE_F32;
+    hd->cache_type = (uint32_t)ctx->cache_type;
     hd->n_layer = (uint32_t)hp->n_layer;
     hd->row = (uint32_t)(hp->n_head_kv * hp->head_dim);
     hd->n_tokens = (uint32_t)ctx->n_past;
@@ -95,10 +99,10 @@ static tide_status io_fail(tide_context *ctx, const char *path, const char *what
 tide_status tide_state_write(tide_context *ctx, const char *path) {
     state_header hd;
     header_of(ctx, build_id(), &hd);
-    size_t row_bytes = (size_t)hd.row * sizeof(float), rows = hd.n_tokens;
+    size_t row_bytes = tide_row_bytes(ctx->cache_type, hd.row), rows = hd.n_tokens;
     size_t tmp_len = strlen(path) + 32;
     char *tmp = malloc(tmp_len);
-    float *stage = malloc(rows * row_bytes + 1);
+    char *stage = malloc(rows * row_bytes + 1);
     if (!tmp || !stage) {
         free(tmp);
         free(stage);
@@ -114,7 +118,7 @@ tide_status tide_state_write(tide_context *ctx, const char *path) {
     int ok = fwrite(&hd, sizeof hd, 1, f) == 1 &&
              fwrite(ctx->tokens, sizeof(int32_t), rows, f) == rows;
     for (int32_t il = 0; ok && il < (int32_t)hd.n_layer; il++) {
-        float *src[2] = {ctx->k_cache[il], ctx->v_cache[il]};
+        void *src[2] = {ctx->k_cache[il], ctx->v_cache[il]};
         for (int kv = 0; ok && kv < 2; kv++) {
             st = be_check(ctx, ctx->be->buf->download(ctx->be, stage, src[kv], rows * row_bytes),
                           "state: downloading the cache");
@@ -139,7 +143,7 @@ tide_status tide_state_read(tide_context *ctx, const char *path) {
     if (!f) return io_fail(ctx, path, "cannot open");
     state_header hd, want;
     tide_status st = TIDE_OK;
-    float *stage = NULL;
+    char *stage = NULL;
     if (fread(&hd, sizeof hd, 1, f) != 1 || memcmp(hd.magic, STATE_MAGIC, 8) != 0) {
         st = ctx_fail(ctx, TIDE_ERR_FORMAT, "state %s: not a tide.cpp state file", path);
         goto done;
@@ -165,8 +169,8 @@ tide_status tide_state_read(tide_context *ctx, const char *path) {
         goto done;
     }
     if (hd.cache_type != want.cache_type) {
-        st = ctx_fail(ctx, TIDE_ERR_ARG, "state %s: cache type %u, this context's is %u", path,
-                      hd.cache_type, want.cache_type);
+        st = ctx_fail(ctx, TIDE_ERR_ARG, "state %s: cache type %s, this context's is %s", path,
+                      type_name(hd.cache_type), type_name(want.cache_type));
         goto done;
     }
     if (hd.n_tokens > (uint32_t)ctx->n_ctx) {
@@ -174,7 +178,7 @@ tide_status tide_state_read(tide_context *ctx, const char *path) {
                       hd.n_tokens, ctx->n_ctx);
         goto done;
     }
-    size_t rows = hd.n_tokens, row_bytes = (size_t)hd.row * sizeof(float);
+    size_t rows = hd.n_tokens, row_bytes = tide_row_bytes(ctx->cache_type, hd.row);
     /* the size must be exact before anything is overwritten */
     long expect = (long)(sizeof hd + rows * sizeof(int32_t) + 2 * hd.n_layer * rows * row_bytes);
     if (fseek(f, 0, SEEK_END) != 0 || ftell(f) != expect) {
@@ -200,7 +204,7 @@ tide_status tide_state_read(tide_context *ctx, const char *path) {
             goto done;
         }
     for (int32_t il = 0; il < (int32_t)hd.n_layer; il++) {
-        float *dst[2] = {ctx->k_cache[il], ctx->v_cache[il]};
+        void *dst[2] = {ctx->k_cache[il], ctx->v_cache[il]};
         for (int kv = 0; kv < 2; kv++) {
             if (fread(stage, row_bytes, rows, f) != rows) {
                 st = io_fail(ctx, path, "read failed");

@@ -523,7 +523,7 @@ static void test_attention(void) {
     tide_pool *pools[5] = {NULL, P2, P3, S2, A2};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         tide_attn_shape s = {cases[ci].n_q, cases[ci].q_pos0, cases[ci].n_kv, cases[ci].bl,
-                             cases[ci].nh, cases[ci].nkv, cases[ci].hd, 0};
+                             cases[ci].nh, cases[ci].nkv, cases[ci].hd, 0, TIDE_TYPE_F32};
         s.kv_stride = (int64_t)s.n_head_kv * s.head_dim + cases[ci].extra;
         int64_t qn = (int64_t)s.n_q * s.n_head * s.head_dim;
         float *q = xmalloc(sizeof(float) * (size_t)qn), *o = xmalloc(sizeof(float) * (size_t)qn);
@@ -562,7 +562,7 @@ static void test_attention(void) {
     }
     /* the mask rule itself: a key in a later block must not matter, one in the same block must */
     {
-        tide_attn_shape s = {4, 4, 12, 4, 1, 1, 8, 8};
+        tide_attn_shape s = {4, 4, 12, 4, 1, 1, 8, 8, TIDE_TYPE_F32};
         float q[4 * 8], k[12 * 8], v[12 * 8], o[4 * 8], o2[4 * 8];
         fill(q, 32, 1);
         fill(k, 96, 1);
@@ -578,7 +578,7 @@ static void test_attention(void) {
         cpu_attention(P2, &s, q, k, v, o2);
         check(o2[0] != o[0], "attention: keys later in the same block are visible");
     }
-    tide_attn_shape bad = {1, 0, 1, 4, 3, 2, 8, 16};
+    tide_attn_shape bad = {1, 0, 1, 4, 3, 2, 8, 16, TIDE_TYPE_F32};
     float z[64] = {0};
     check(cpu_attention(P2, &bad, z, z, z, z) == TIDE_ERR_ARG, "attention rejects n_head % n_head_kv");
 }

@@ -38,6 +38,9 @@ def add_model_options(p):
     g.add_argument("--n-ctx", type=_positive(int), default=None, metavar="N",
                    help="context length in tokens (default: the model's own, or what fits in half "
                         "of the free memory)")
+    g.add_argument("--cache-type", choices=["f32", "f16", "bf16"], default=None,
+                   help="KV cache values: f32 (exact, the default), f16 or bf16 (half the "
+                        "memory, results change in the last bits)")
     g.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="keep the prompt's cache in FILE across runs: read at start when it "
                         "exists (a file of another model or build is refused and recomputed), "
@@ -101,7 +104,7 @@ def load_model(args, trace=False):
     kw = {"device": args.device}
     for opt, name in (("threads", "n_threads"), ("n_ctx", "n_ctx"), ("policy", "policy"),
                       ("gpu_experts", "gpu_experts"), ("refresh_interval", "refresh_interval"),
-                      ("prefetch_experts", "prefetch_experts")):
+                      ("prefetch_experts", "prefetch_experts"), ("cache_type", "cache_type")):
         v = getattr(args, opt, None)
         if v is not None:
             kw[name] = v
@@ -137,7 +140,8 @@ def save_prompt_cache(model, args, err=sys.stderr):
 
 def context_line(model):
     """`context: N tokens, KV cache X` for start-up messages."""
-    return f"context: {model.n_ctx} tokens, KV cache {fmt_bytes(model.cache_bytes)}"
+    return (f"context: {model.n_ctx} tokens, KV cache {fmt_bytes(model.cache_bytes)} "
+            f"({getattr(model, 'cache_type', 'f32')})")
 
 
 def error(msg):

@@ -26,7 +26,9 @@
 typedef struct {
     tide_cpu_features f;
     const tide_attn_shape *s;
-    const float *q, *k, *v;
+    const float *q;
+    const char *k, *v; /* of kv_type */
+    size_t esize;      /* bytes of one cached value */
     float *out;
     int64_t n_chunks;   /* query chunks */
     int32_t *chunk_q0;  /* [n_chunks + 1] first query of each chunk */
@@ -90,12 +92,12 @@ static void attn_item(const attn_job *j, int32_t g, int32_t q0, int32_t nq, floa
         l[r] = 0.0f;
         memset(orow[r], 0, (size_t)hd * sizeof(float));
     }
-    const float *kg = j->k + (int64_t)g * hd, *vg = j->v + (int64_t)g * hd;
+    const size_t es = j->esize, rb = (size_t)s->kv_stride * es; /* value, row bytes */
+    const char *kg = j->k + (size_t)g * hd * es, *vg = j->v + (size_t)g * hd * es;
     for (int64_t t0 = 0; t0 < lim; t0 += ATTN_T) {
         int64_t tn = lim - t0 < ATTN_T ? lim - t0 : ATTN_T;
         /* scores of the tile: one small matmul, each key row read once for all nr rows */
-        cpu_wview kv = {TIDE_TYPE_F32, (const char *)(kg + t0 * s->kv_stride),
-                        (size_t)s->kv_stride * sizeof(float), hd};
+        cpu_wview kv = {s->kv_type, kg + (size_t)t0 * rb, rb, hd};
         cpu_tokens ts = {j->q, hd, xidx, sc, ATTN_T, NULL, nr};
         cpu_matmul_view_rows(&j->f, &kv, 0, tn, &ts);
         /* online softmax: running max m, running sum l; alpha rescales what came before */
@@ -119,10 +121,18 @@ static void attn_item(const attn_job *j, int32_t g, int32_t q0, int32_t nq, floa
         }
         /* the tile's weighted sum of V as a second small matmul: the tile's V rows transposed
          * (dims x keys), so each is read once for all nr rows by the matmul core */
-        const float *vt = vg + t0 * s->kv_stride;
-        for (int64_t k = 0; k < tn; k++)
+        for (int64_t k = 0; k < tn; k++) {
+            const char *vr = vg + (size_t)(t0 + k) * rb;
+            float *row = pv; /* the row in f32 first (pv is free until the matmul below) */
+            if (s->kv_type == TIDE_TYPE_F32)
+                row = (float *)vr;
+            else if (s->kv_type == TIDE_TYPE_F16)
+                cpu_f16_to_f32_row(&j->f, (const uint16_t *)vr, row, hd);
+            else
+                cpu_bf16_to_f32_row(&j->f, (const uint16_t *)vr, row, hd);
             for (int32_t d = 0; d < hd; d++)
-                vtile[(int64_t)d * ATTN_T + k] = vt[k * s->kv_stride + d];
+                vtile[(int64_t)d * ATTN_T + k] = row[d];
+        }
         cpu_wview vw = {TIDE_TYPE_F32, (const char *)vtile, ATTN_T * sizeof(float), tn};
         cpu_tokens ps = {sc, ATTN_T, NULL, pv, hd, NULL, nr};
         cpu_matmul_view_rows(&j->f, &vw, 0, hd, &ps);
@@ -154,11 +164,13 @@ static void attn_thread(void *p, int ith, int nth) {
 }
 
 tide_status cpu_attention(tide_pool *pool, const tide_attn_shape *s, const float *q,
-                          const float *k, const float *v, float *out) {
+                          const void *k, const void *v, float *out) {
     if (!s || s->n_q < 0 || s->n_kv < 0 || s->q_pos0 < 0 || s->block_length < 1 ||
         s->n_head < 1 || s->n_head_kv < 1 || s->n_head % s->n_head_kv ||
         s->n_head / s->n_head_kv > TIDE_MAX_GROUP || s->head_dim < 1 ||
-        s->kv_stride < (int64_t)s->n_head_kv * s->head_dim)
+        s->kv_stride < (int64_t)s->n_head_kv * s->head_dim ||
+        (s->kv_type != TIDE_TYPE_F32 && s->kv_type != TIDE_TYPE_F16 &&
+         s->kv_type != TIDE_TYPE_BF16))
         return TIDE_ERR_ARG;
     if (s->n_q == 0)
         return TIDE_OK;
@@ -197,7 +209,8 @@ tide_status cpu_attention(tide_pool *pool, const tide_attn_shape *s, const float
         free(q0s);
         return TIDE_ERR_NOMEM;
     }
-    attn_job j = {tide_pool_features(pool), s, q, k, v, out, nc, q0s, scratch, (int64_t)per};
+    attn_job j = {tide_pool_features(pool), s, q, k, v, tide_row_bytes(s->kv_type, 1), out, nc,
+                  q0s, scratch, (int64_t)per};
     if (nth == 1)
         attn_thread(&j, 0, 1);
     else

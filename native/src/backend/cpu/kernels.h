@@ -96,7 +96,7 @@ tide_status cpu_rope(tide_pool *pool, float *x, int32_t n_tok, int64_t stride, i
  * queries of one item share each K/V load. Scratch: one tile of scores per row of an item per
  * thread, allocated per call. A query that sees no key gets zeros. */
 tide_status cpu_attention(tide_pool *pool, const tide_attn_shape *s, const float *q,
-                          const float *k, const float *v, float *out);
+                          const void *k, const void *v, float *out);
 
 /* ---- elementwise (norm_rope.c) -------------------------------------------------------------- */
 void cpu_add(tide_pool *pool, float *y, const float *x, int64_t n);        /* y += x */

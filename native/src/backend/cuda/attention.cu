@@ -15,6 +15,46 @@
 
 namespace tide_cuda {
 
+/* Value idx of a K or V row of type kt (f32, f16 or bf16), as f32. kt is the same for every
+ * thread of a launch, so the branch costs no divergence. */
+__device__ __forceinline__ float kv_load(const void *base, int64_t idx, int kt) {
+    if (kt == TIDE_TYPE_F32) return __ldg((const float *)base + idx);
+    const unsigned short h = __ldg((const unsigned short *)base + idx);
+    if (kt == TIDE_TYPE_BF16) return __uint_as_float((uint32_t)h << 16);
+    return __half2float(__ushort_as_half(h));
+}
+
+/* f32 -> bf16, round to nearest even, NaN stays NaN (as the CPU's tide_f32_to_bf16) */
+__device__ __forceinline__ unsigned short f32_to_bf16_bits(float f) {
+    const uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+__global__ void k_convert(const float *__restrict__ x, int64_t n, int type, void *__restrict__ y) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        if (type == TIDE_TYPE_F32)
+            ((float *)y)[i] = x[i];
+        else if (type == TIDE_TYPE_BF16)
+            ((unsigned short *)y)[i] = f32_to_bf16_bits(x[i]);
+        else
+            ((unsigned short *)y)[i] = __half_as_ushort(__float2half_rn(x[i]));
+    }
+}
+
+tide_status launch_convert(tide_backend *be, const float *x, int64_t n, int32_t type, void *y) {
+    if (type != TIDE_TYPE_F32 && type != TIDE_TYPE_F16 && type != TIDE_TYPE_BF16)
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG,
+                         "convert: type %d is not f32, f16 or bf16", (int)type);
+    if (n <= 0) return TIDE_OK;
+    const int64_t want = (n + 255) / 256;
+    const unsigned blocks = (unsigned)(want < 4096 ? want : 4096);
+    TCU_LAUNCH(k_convert, blocks, 256, 0, S(be)->compute)(x, n, (int)type, y);
+    TCU_LAUNCHED(be, "convert kernel launch");
+    return TIDE_OK;
+}
+
 /* rows of a block: (query, head) pairs, at most AT_MAXR; the shared-memory merge takes them
  * AT_MERGE at a time */
 enum { AT_WARPS = 8, AT_MAXG = 8, AT_MERGE = 8 };
@@ -23,8 +63,8 @@ enum { AT_WARPS = 8, AT_MAXG = 8, AT_MERGE = 8 };
  * of a row is written with explicit fmaf, so both row counts give the same bits. */
 template <int DPL, int AT_MAXR>
 __global__ void __launch_bounds__(AT_WARPS * 32)
-k_attention(tide_attn_shape s, int qb, const float *__restrict__ q, const float *__restrict__ k,
-            const float *__restrict__ v, float *__restrict__ out, float scale) {
+k_attention(tide_attn_shape s, int qb, const float *__restrict__ q, const void *__restrict__ k,
+            const void *__restrict__ v, float *__restrict__ out, float scale) {
     TCU_DYN_SHARED(float, sh); /* [AT_WARPS][AT_MERGE][hd] acc, then [AT_WARPS][AT_MERGE] max, sum */
     const int G = s.n_head / s.n_head_kv;
     const int hd = s.head_dim;
@@ -59,14 +99,13 @@ k_attention(tide_attn_shape s, int qb, const float *__restrict__ q, const float 
      * times the GQA group */
 #pragma unroll 2 /* lets the next key's loads start before this key's shuffles */
     for (int j = warp; j < limit; j += AT_WARPS) {
-        const float *kr = k + (int64_t)j * s.kv_stride + (int64_t)kvh * hd;
-        const float *vr = v + (int64_t)j * s.kv_stride + (int64_t)kvh * hd;
+        const int64_t row = (int64_t)j * s.kv_stride + (int64_t)kvh * hd;
         float kv[DPL], vv[DPL];
 #pragma unroll
         for (int i = 0; i < DPL; i++) {
             const int d = lane + 32 * i;
-            kv[i] = d < hd ? __ldg(kr + d) : 0.0f;
-            vv[i] = d < hd ? __ldg(vr + d) : 0.0f;
+            kv[i] = d < hd ? kv_load(k, row + d, s.kv_type) : 0.0f;
+            vv[i] = d < hd ? kv_load(v, row + d, s.kv_type) : 0.0f;
         }
 #pragma unroll
         for (int r = 0; r < AT_MAXR; r++) {
@@ -132,17 +171,18 @@ k_attention(tide_attn_shape s, int qb, const float *__restrict__ q, const float 
     }
 }
 
-tide_status launch_attention(tide_backend *be, const tide_attn_shape *s, const float *q, const float *k,
-                             const float *v, float *out) {
+tide_status launch_attention(tide_backend *be, const tide_attn_shape *s, const float *q, const void *k,
+                             const void *v, float *out) {
     if (!s || !q || !k || !v || !out)
         return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "attention: NULL argument");
     if (s->n_q < 0 || s->n_kv <= 0 || s->block_length <= 0 || s->n_head <= 0 || s->n_head_kv <= 0 ||
         s->n_head % s->n_head_kv != 0 || s->head_dim <= 0 || s->q_pos0 < 0 ||
-        s->kv_stride < (int64_t)s->n_head_kv * s->head_dim)
+        s->kv_stride < (int64_t)s->n_head_kv * s->head_dim ||
+        (s->kv_type != TIDE_TYPE_F32 && s->kv_type != TIDE_TYPE_F16 && s->kv_type != TIDE_TYPE_BF16))
         return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG,
-                     "attention: bad shape (n_q %d, n_kv %d, block %d, heads %d/%d, head_dim %d, stride %lld)",
+                     "attention: bad shape (n_q %d, n_kv %d, block %d, heads %d/%d, head_dim %d, stride %lld, kv type %d)",
                      s->n_q, s->n_kv, s->block_length, s->n_head, s->n_head_kv, s->head_dim,
-                     (long long)s->kv_stride);
+                     (long long)s->kv_stride, (int)s->kv_type);
     if (s->n_q == 0) return TIDE_OK;
     const int G = s->n_head / s->n_head_kv;
     if (G > AT_MAXG || s->head_dim > 128 || s->n_head_kv > 65535)
