@@ -140,7 +140,9 @@ void tide_reset(tide_context *ctx) {
 }
 int32_t tide_n_past(const tide_context *ctx) { return ctx ? ctx->n_past : 0; }
 int32_t tide_n_ctx(const tide_context *ctx) { return ctx ? ctx->n_ctx : 0; }
-uint64_t tide_cache_bytes(const tide_context *ctx) { return ctx ? tide_context_cache_bytes(ctx) : 0; }
+uint64_t tide_cache_bytes(const tide_context *ctx) {
+    return ctx ? tide_context_cache_bytes(ctx) : 0;
+}
 
 static tide_status check_tokens(tide_context *ctx, const int32_t *tokens, int32_t n) {
     if (!tokens || n <= 0) return ctx_fail(ctx, TIDE_ERR_ARG, "tokens: empty (n = %d)", n);
@@ -195,7 +197,8 @@ tide_status tide_commit(tide_context *ctx, const int32_t *tokens, int32_t n) {
 
 /* The micro-batch rule (tide.h): whole blocks up to n_batch rows, at least one block. */
 static int32_t batch_end(int32_t n_past, int32_t n, int32_t block_length, int32_t n_batch) {
-    int64_t first_end = ((int64_t)n_past / block_length + 1) * block_length; /* end of the first block */
+    /* the end of the first block */
+    int64_t first_end = ((int64_t)n_past / block_length + 1) * block_length;
     int64_t limit = (int64_t)n_past + n_batch;
     int64_t end = limit / block_length * block_length;
     if (end < first_end) end = first_end;

@@ -168,7 +168,8 @@ static tide_status alloc_kv_cache(tide_context *ctx) {
     ctx->tokens = calloc((size_t)ctx->n_ctx, sizeof(int32_t));
     ctx->k_cache = calloc((size_t)hp->n_layer, sizeof(void *));
     ctx->v_cache = calloc((size_t)hp->n_layer, sizeof(void *));
-    if (!ctx->tokens || !ctx->k_cache || !ctx->v_cache) return ctx_fail(ctx, TIDE_ERR_NOMEM, "out of memory");
+    if (!ctx->tokens || !ctx->k_cache || !ctx->v_cache)
+        return ctx_fail(ctx, TIDE_ERR_NOMEM, "out of memory");
     for (int32_t il = 0; il < hp->n_layer; il++) {
         TRY(be_check(ctx, ctx->be->buf->alloc(ctx->be, kv_bytes, &ctx->k_cache[il]),
                      "allocating the KV cache"));

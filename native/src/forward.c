@@ -63,7 +63,8 @@ static tide_status reserve_rows(tide_context *ctx, int32_t n) {
     size_t H = (size_t)hp->n_embd, nq = (size_t)hp->n_head * hp->head_dim;
     size_t ff = (size_t)hp->n_ff, fs = (size_t)hp->n_ff_exp * hp->n_expert_shared;
     if (fs > ff) ff = fs;
-    if (ff < (size_t)hp->n_head_kv * hp->head_dim) ff = (size_t)hp->n_head_kv * hp->head_dim; /* K, V of a half cache */
+    size_t nkv = (size_t)hp->n_head_kv * hp->head_dim;
+    if (ff < nkv) ff = nkv; /* hb, hb2 also hold K and V before a half cache stores them */
     if (ff < 1) ff = 1;
     size_t E = (size_t)hp->n_expert, K = (size_t)hp->n_expert_used, c = (size_t)cap, f = 4;
     if ((st = dev_alloc(ctx, c * H * f, &r->x)) || (st = dev_alloc(ctx, c * H * f, &r->xb)) ||

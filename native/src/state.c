@@ -3,7 +3,8 @@
  *
  * File, little endian:
  *   "TIDESTAT"  u32 format   u32 abi    u64 build id    u64 model id
- *   u32 cache type (tide_type of the stored rows: f32, f16, bf16)   u32 n_layer   u32 row floats (nKV*hd)
+ *   u32 cache type (tide_type of the stored rows: f32, f16, bf16)   u32 n_layer
+ *   u32 values a row (nKV*hd)
  *   u32 n_tokens   i32 block length of the rows (tide_cache_block_length)   u32 0
  *   i32 ids[n_tokens]
  *   per layer: K rows [n_tokens][row], then V rows [n_tokens][row], of the cache type
@@ -74,7 +75,10 @@ static uint64_t model_id(const tide_model *m) {
 }
 
 static const char *type_name(uint32_t t) {
-    return t == TIDE_TYPE_F32 ? "f32" : t == TIDE_TYPE_F16 ? "f16" : t == TIDE_TYPE_BF16 ? "bf16" : "?";
+    return t == TIDE_TYPE_F32    ? "f32"
+           : t == TIDE_TYPE_F16  ? "f16"
+           : t == TIDE_TYPE_BF16 ? "bf16"
+                                 : "?";
 }
 
 static void header_of(const tide_context *ctx, uint64_t build, state_header *hd) {

@@ -97,7 +97,8 @@ static tide_status op_convert(tide_backend *be, const float *x, int64_t n, int32
     case TIDE_TYPE_F16: cpu_f32_to_f16_row(&f, x, y, n); return TIDE_OK;
     case TIDE_TYPE_BF16: cpu_f32_to_bf16_row(&f, x, y, n); return TIDE_OK;
     }
-    return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "convert: type %d is not f32, f16 or bf16", (int)type);
+    return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG,
+                     "convert: type %d is not f32, f16 or bf16", (int)type);
 }
 static tide_status op_add(tide_backend *be, float *y, const float *x, int64_t n) {
     cpu_add(be->pool, y, x, n);
