@@ -193,7 +193,7 @@ static void bench_matmul(tide_pool *pool, const char *label, int32_t type, int64
 
 /* LLaDA2.0-mini attention of one step: 32 queries (one block) against n_kv cached keys. */
 static void bench_attention(tide_pool *pool, int32_t n_kv) {
-    tide_attn_shape s = {32, n_kv - 32, n_kv, 32, 16, 4, 128, 4 * 128};
+    tide_attn_shape s = {32, n_kv - 32, n_kv, 32, 16, 4, 128, 4 * 128, TIDE_TYPE_F32};
     size_t qn = (size_t)s.n_q * s.n_head * s.head_dim, kn = (size_t)n_kv * s.kv_stride;
     float *q = malloc(qn * 4), *o = malloc(qn * 4), *k = malloc(kn * 4), *v = malloc(kn * 4);
     if (!q || !o || !k || !v)

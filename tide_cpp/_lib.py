@@ -9,7 +9,7 @@ import os
 from ctypes import (POINTER, Structure, c_char_p, c_double, c_float, c_int, c_int32, c_int64,
                     c_size_t, c_uint8, c_uint64, c_void_p)
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # tide_status
 OK, ERR_IO, ERR_FORMAT, ERR_MODEL, ERR_ARG, ERR_NOMEM, ERR_DEVICE, ERR_UNSUPPORTED, ERR_CONTEXT = range(9)
@@ -20,6 +20,8 @@ STATUS_NAMES = {OK: "ok", ERR_IO: "io", ERR_FORMAT: "format", ERR_MODEL: "model"
 # tide_type
 TYPE_F32, TYPE_F16, TYPE_Q8_0, TYPE_BF16 = 0, 1, 8, 30
 TYPE_NAMES = {TYPE_F32: "f32", TYPE_F16: "f16", TYPE_Q8_0: "q8_0", TYPE_BF16: "bf16"}
+# KV cache types (tide_context_params.cache_type)
+CACHE_TYPES = {"f32": TYPE_F32, "f16": TYPE_F16, "bf16": TYPE_BF16}
 # tide_device
 DEVICE_CPU, DEVICE_SIM, DEVICE_CUDA = 0, 1, 2
 DEVICES = {"cpu": DEVICE_CPU, "sim": DEVICE_SIM, "cuda": DEVICE_CUDA}
@@ -54,7 +56,8 @@ class tide_context_params(Structure):
         ("device", c_int32), ("n_threads", c_int32), ("n_ctx", c_int32), ("policy", c_int32),
         ("budget", c_int32), ("budgets", POINTER(c_int32)), ("n_budgets", c_int32),
         ("refresh_interval", c_int32), ("trace", c_int32), ("device_memory", c_uint64),
-        ("cuda_device", c_int32), ("prefetch", c_int32)]
+        ("cuda_device", c_int32), ("prefetch", c_int32), ("n_batch", c_int32),
+        ("cache_type", c_int32)]
 
 
 class tide_sampling(Structure):
@@ -127,7 +130,15 @@ def _declare(lib):
         ("tide_reset", [_ctx_p], None),
         ("tide_n_past", [_ctx_p], c_int32),
         ("tide_n_ctx", [_ctx_p], c_int32),
+        ("tide_cache_bytes", [_ctx_p], c_uint64),
+        ("tide_cache_block_length", [_ctx_p], c_int32),
         ("tide_commit", [_ctx_p, POINTER(c_int32), c_int32], c_int),
+        ("tide_commit_blocks", [_ctx_p, POINTER(c_int32), c_int32, c_int32], c_int),
+        ("tide_commit_batch_end", [_ctx_p, c_int32, c_int32], c_int32),
+        ("tide_truncate", [_ctx_p, c_int32], c_int),
+        ("tide_cache_tokens", [_ctx_p, POINTER(c_int32), c_int32], c_int),
+        ("tide_state_save", [_ctx_p, c_char_p], c_int),
+        ("tide_state_load", [_ctx_p, c_char_p], c_int),
         ("tide_step", [_ctx_p, POINTER(c_int32), c_int32, POINTER(c_uint8), c_int32,
                        POINTER(tide_sampling), POINTER(c_int32), POINTER(c_float)], c_int),
         ("tide_logits", [_ctx_p, POINTER(c_int32), c_int32, c_int32, POINTER(c_float)], c_int),

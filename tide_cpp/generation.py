@@ -5,7 +5,10 @@ The core runs forwards; this module decides which tokens to unmask (and, for 2.1
 
 - Canvas = prompt + masks up to a multiple of block_length B covering prompt + max_tokens;
   blocks aligned at position 0.
-- Prefill: `model.commit(block)` for every block the prompt fills completely.
+- Prefill: the blocks the prompt fills completely go into the cache. A model that remembers the
+  ids behind its cache (`reuse_prefix`) keeps the longest block-aligned prefix an earlier call
+  left there and commits the rest in one multi-block `model.commit(ids, block_length=B)`;
+  the rows are bit-identical to a fresh prefill, so the answer is the same.
 - Decoding starts at the block holding the prompt's end. Each forward of a block is a *step*:
   `model.step(block ids, want, step_in_block=i, ...)` gives (token, prob) at the wanted
   positions. What a step commits is the block's *rule*:
@@ -382,11 +385,21 @@ class _Decoder:
             at = np.nonzero(np.isin(canvas[P:], eog_arr))[0]
             return P + int(at[0]) if len(at) else None
 
-        m.reset()
         if hasattr(m, "set_block_length"):  # the trace's block index is position // B
             m.set_block_length(B)
-        for blk in range(P // B):                       # prefill: one commit per full block
-            m.commit(canvas[blk * B:(blk + 1) * B])
+        full = P // B * B                               # the blocks the prompt fills
+        if hasattr(m, "reuse_prefix"):
+            # the cache of an earlier call serves the common prefix; one multi-block commit
+            # prefills the rest
+            reused = m.reuse_prefix(canvas[:full], B)
+            if reused < full:
+                m.commit(canvas[reused:full], block_length=B)
+        else:
+            reused = 0
+            m.reset()
+            for blk in range(P // B):                   # one commit per full block
+                m.commit(canvas[blk * B:(blk + 1) * B])
+        self.reused = reused
         t_prefill = time.perf_counter() - t0
 
         c = dict(steps=0, commits=0, blocks=0, edits=0, post_steps=0)
@@ -457,6 +470,7 @@ class _Decoder:
             "tokens_per_forward": len(answer) / n_steps if n_steps else 0.0,
             "seconds": seconds,
             "prefill_seconds": t_prefill,
+            "prompt_tokens_reused": self.reused,
             "tokens_per_second": len(answer) / seconds if seconds > 0 else 0.0,
             "block_length": p["block_length"],
             "steps_per_block": p["steps"],

@@ -83,11 +83,15 @@ class Model:
     refresh_interval is TIDE's tau. prefetch_experts=N (tide): at a refresh, up to N experts per
     MoE layer, predicted from the layer's previous routing, are copied while the layers before
     it compute; promotions they predicted need no copy of their own (stats: prefetch_bytes,
-    prefetch_used). trace=True records the routing of every forward (CONTRACTS.md section 4)."""
+    prefetch_used). trace=True records the routing of every forward (CONTRACTS.md section 4).
+    n_ctx: the context (None: the model's own, or what fits in half of the free memory).
+    cache_type "f32" (exact) or "f16" / "bf16": a KV cache of half the memory, whose keys and
+    values are rounded when stored, so results change in the last bits. n_batch: rows per
+    forward of a prefill (micro-batch, whole blocks; default 512)."""
 
     def __init__(self, path, device="cpu", n_threads=None, n_ctx=None, policy="gpu",
                  gpu_experts=None, refresh_interval=4, trace=False, device_memory=None,
-                 popularity=None, prefetch_experts=0):
+                 popularity=None, prefetch_experts=0, n_batch=None, cache_type="f32"):
         self._model = None
         self._ctx = None
         self._lib = _lib.lib()
@@ -97,6 +101,12 @@ class Model:
         if n_ctx is not None and (not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1):
             raise ValueError(f"n_ctx: {n_ctx!r}, must be a positive int or None")
         _check_int("prefetch_experts", prefetch_experts)
+        if n_batch is not None and (not isinstance(n_batch, (int, np.integer))
+                                    or isinstance(n_batch, bool) or n_batch < 1):
+            raise ValueError(f"n_batch: {n_batch!r}, must be a positive int or None")
+        if cache_type not in _lib.CACHE_TYPES:
+            raise ValueError(f"cache_type: {cache_type!r}, expected one of "
+                             f"{', '.join(_lib.CACHE_TYPES)}")
         if device_memory is not None and device_memory < 0:  # the C field is unsigned
             raise ValueError(f"device_memory: {device_memory!r} is negative")
         self.device = device
@@ -132,6 +142,8 @@ class Model:
         p.trace = 1 if trace else 0
         p.device_memory = int(device_memory or 0)
         p.prefetch = int(prefetch_experts)
+        p.n_batch = int(n_batch or 0)
+        p.cache_type = _lib.CACHE_TYPES[cache_type]
         cp = ctypes.c_void_p()
         st = self._lib.tide_context_create(self._model, ctypes.byref(p), ctypes.byref(cp), err,
                                            _ERR_LEN)
@@ -139,11 +151,18 @@ class Model:
             self.close()
             raise _error(st, err.value.decode("utf-8", "replace"))
         self._ctx = cp
+        if n_ctx is None and self.n_ctx < hp.n_ctx_train:
+            import warnings
+            warnings.warn(f"n_ctx: {self.n_ctx} tokens, not the model's {hp.n_ctx_train}: that is "
+                          f"what fits in half of the free memory of {device} (KV cache "
+                          f"{self.cache_bytes / 2**30:.2f} GiB); pass n_ctx to choose",
+                          RuntimeWarning, stacklevel=2)
         self._policy = policy if device != "cpu" else "cpu"
         self._refresh_interval = interval
         self._trace_on = bool(trace)
         self.device_memory = int(device_memory) if device_memory else None
         self.prefetch_experts = int(prefetch_experts)
+        self.cache_type = cache_type
         self._trace = {"hits": [], "kind": [], "block": [], "step": [], "n_tokens": []}
         self._block_length = None
         if popularity is not None:
@@ -192,6 +211,12 @@ class Model:
         return self._lib.tide_n_ctx(self._ctx)
 
     @property
+    def cache_bytes(self):
+        """Bytes of the KV cache (keys and values of every layer, n_ctx tokens)."""
+        self._check_open()
+        return int(self._lib.tide_cache_bytes(self._ctx))
+
+    @property
     def policy(self):
         """The residency policy by name (`cpu` on device cpu: nothing can be resident)."""
         return self._policy
@@ -237,16 +262,96 @@ class Model:
         t["step"].append(step)
         t["n_tokens"].append(n)
 
-    def commit(self, ids):
-        """Forward one finished block at n_past and append its keys/values to the cache."""
+    def commit(self, ids, block_length=None):
+        """Forward finished tokens at n_past and append their keys/values to the cache.
+
+        block_length None: ids are one block (every token sees every other). Else ids span any
+        number of blocks of block_length aligned at position 0 (a token sees its own block and
+        every earlier one): a prefill, run as micro-batches of whole blocks (n_batch rows), each
+        one forward of the trace and the residency. Bit-identical to one commit per block."""
         self._check_open()
         a = _ids_array(ids)
-        n_past = self.n_past
-        st = self._lib.tide_commit(self._ctx, _i32_ptr(a), a.size)
+        if block_length is None:
+            n_past = self.n_past
+            st = self._lib.tide_commit(self._ctx, _i32_ptr(a), a.size)
+            if st != _lib.OK:
+                self._fail(st)
+            bl = self._block_length or a.size
+            self._record(1, n_past // bl, -1, a.size)
+            return
+        if not isinstance(block_length, (int, np.integer)) or block_length < 1:
+            raise ValueError(f"block_length: {block_length!r}, must be an int >= 1")
+        B = int(block_length)
+        if self.n_past + a.size > self.n_ctx:
+            raise TideError(_lib.ERR_CONTEXT, f"context full: {self.n_past} cached + {a.size} "
+                                              f"new tokens > n_ctx {self.n_ctx}")
+        done = 0
+        while done < a.size:
+            # one micro-batch per call, so the trace records every forward
+            m = self._lib.tide_commit_batch_end(self._ctx, a.size - done, B)
+            n_past = self.n_past
+            chunk = np.ascontiguousarray(a[done:done + m])
+            st = self._lib.tide_commit_blocks(self._ctx, _i32_ptr(chunk), m, B)
+            if st != _lib.OK:
+                self._fail(st)
+            self._record(1, n_past // (self._block_length or B), -1, m)
+            done += m
+
+    # ---- the cache across calls -----------------------------------------------------------
+    def cache_tokens(self):
+        """np.int32[n_past]: the token ids behind the cache."""
+        self._check_open()
+        out = np.empty(max(self.n_past, 1), dtype=np.int32)
+        st = self._lib.tide_cache_tokens(self._ctx, _i32_ptr(out), out.size)
         if st != _lib.OK:
             self._fail(st)
-        bl = self._block_length or a.size
-        self._record(1, n_past // bl, -1, a.size)
+        return out[:self.n_past].copy()
+
+    @property
+    def cache_block_length(self):
+        """Block length the cached rows were committed under (0 empty, -1 mixed)."""
+        self._check_open()
+        return self._lib.tide_cache_block_length(self._ctx)
+
+    def truncate(self, n):
+        """Keep the first n cached tokens, forget the rest."""
+        self._check_open()
+        st = self._lib.tide_truncate(self._ctx, int(n))
+        if st != _lib.OK:
+            self._fail(st)
+
+    def reuse_prefix(self, ids, block_length):
+        """Keep the longest prefix of the cache that ids start with, whole blocks of
+        block_length only (and only if the cache was committed under that block length); drop
+        the rest. Returns how many tokens of ids are already cached. The kept rows are exactly
+        what committing ids[:kept] afresh would write."""
+        self._check_open()
+        a = np.asarray(ids, dtype=np.int64).reshape(-1)
+        cached = self.cache_tokens()
+        kept = 0
+        if cached.size and self.cache_block_length == int(block_length):
+            n = min(cached.size, a.size)
+            diff = np.nonzero(cached[:n] != a[:n])[0]
+            common = int(diff[0]) if diff.size else n
+            kept = common // int(block_length) * int(block_length)
+        self.truncate(kept)
+        return kept
+
+    def save_state(self, path):
+        """Write the cache (ids, keys, values) to path atomically; load_state reads it back in
+        another process of the same model and build."""
+        self._check_open()
+        st = self._lib.tide_state_save(self._ctx, os.fspath(path).encode())
+        if st != _lib.OK:
+            self._fail(st)
+
+    def load_state(self, path):
+        """Replace the cache by the one saved in path (refused, with the reason, when it was
+        written for another model, build or cache type)."""
+        self._check_open()
+        st = self._lib.tide_state_load(self._ctx, os.fspath(path).encode())
+        if st != _lib.OK:
+            self._fail(st)
 
     def step(self, ids, want, step_in_block, temperature=0.0, top_k=None, top_p=None, seed=0,
              block_length=None):

@@ -23,7 +23,7 @@ extern "C" {
 #define TIDE_API __attribute__((visibility("default")))
 #endif
 
-#define TIDE_ABI_VERSION 3
+#define TIDE_ABI_VERSION 4
 
 typedef enum {
     TIDE_OK = 0,
@@ -82,7 +82,10 @@ typedef struct {
 typedef struct {
     int32_t device;           /* tide_device */
     int32_t n_threads;        /* host threads; <= 0: all cores */
-    int32_t n_ctx;            /* KV cache length in tokens; <= 0: min(n_ctx_train, 4096) */
+    int32_t n_ctx;            /* KV cache length in tokens; refused (naming the bytes needed and
+                                 free) when its cache does not fit in the free memory. <= 0: the
+                                 model's own (n_ctx_train), lowered in steps of 256 to what fits
+                                 in half of the free memory (tide_n_ctx tells) */
     int32_t policy;           /* tide_policy */
     int32_t budget;           /* resident expert slots per MoE layer (when budgets == NULL) */
     const int32_t *budgets;   /* optional: one budget per MoE layer, n_budgets entries */
@@ -94,6 +97,11 @@ typedef struct {
     int32_t prefetch;         /* tide: experts per MoE layer copied ahead of a refresh, chosen
                                  from the layer's previous hits, while the layers before it
                                  compute (0: off). Changes where bytes move, never the result. */
+    int32_t n_batch;          /* rows per forward of a multi-block commit (a prefill micro-batch,
+                                 rounded to whole blocks); <= 0: 512 */
+    int32_t cache_type;       /* tide_type of the KV cache: TIDE_TYPE_F32 (0, the default: exact),
+                                 TIDE_TYPE_F16 or TIDE_TYPE_BF16 (half the memory; keys and values
+                                 rounded when stored, so results change in the last bits) */
 } tide_context_params;
 
 /* Sampling of one step: temperature 0 with top_k <= 0 and top_p >= 1 is greedy. */
@@ -162,9 +170,35 @@ TIDE_API tide_status tide_set_popularity(tide_context *ctx, const float *counts,
 TIDE_API void tide_reset(tide_context *ctx);
 TIDE_API int32_t tide_n_past(const tide_context *ctx);
 TIDE_API int32_t tide_n_ctx(const tide_context *ctx);
+/* Bytes of the KV cache: keys and values of every layer for n_ctx tokens. */
+TIDE_API uint64_t tide_cache_bytes(const tide_context *ctx);
 /* Forward one finished block (all n tokens see each other and the cache) at positions
  * n_past .. n_past+n-1 and append its keys/values to the cache. Prefill is one call per block. */
 TIDE_API tide_status tide_commit(tide_context *ctx, const int32_t *tokens, int32_t n);
+/* Commit n tokens at n_past .. n_past+n-1 that span any number of blocks of block_length
+ * (aligned at position 0): a token sees the cache, its own block and every earlier one. Runs as
+ * micro-batches (tide_commit_batch_end), each one forward: one residency forward, one set of
+ * hits. The keys and values written are bit-identical to one tide_commit per block. */
+TIDE_API tide_status tide_commit_blocks(tide_context *ctx, const int32_t *tokens, int32_t n,
+                                        int32_t block_length);
+/* Tokens of the first micro-batch of a tide_commit_blocks of n tokens at n_past: the most whole
+ * blocks that fit in params.n_batch rows (at least the first block; all n when they fit).
+ * 0 on bad arguments. Callers that record each forward (the trace) commit batch by batch. */
+TIDE_API int32_t tide_commit_batch_end(const tide_context *ctx, int32_t n, int32_t block_length);
+/* Keep the first n cached tokens and forget the rest (n <= n_past): the cache of a common prefix
+ * serves the next prompt. */
+TIDE_API tide_status tide_truncate(tide_context *ctx, int32_t n);
+/* The block length every cached row was committed under (a tide_commit of n tokens counts as
+ * blocks of n): 0 when the cache is empty, -1 when commits mixed block lengths or started off a
+ * block boundary. A prefix of the cache serves a new prompt only under the same block length. */
+TIDE_API int32_t tide_cache_block_length(const tide_context *ctx);
+/* The token ids behind the cache: out[0 .. n_past) (n >= n_past). */
+TIDE_API tide_status tide_cache_tokens(const tide_context *ctx, int32_t *out, int32_t n);
+/* Write the cache (token ids, keys, values of every layer) to path atomically (a temporary file
+ * beside it, fsync, rename), or read it back: n_past and the cache become the file's. A file of
+ * another model, build, cache type or a longer context is refused with the reason. */
+TIDE_API tide_status tide_state_save(tide_context *ctx, const char *path);
+TIDE_API tide_status tide_state_load(tide_context *ctx, const char *path);
 /* Forward the active block against the cache without changing it. For each i with want[i] != 0,
  * out_token[i] / out_prob[i] get the sampled (or top) token and its probability; other entries
  * are -1 / 0. step_in_block (0-based) drives the residency policy's refresh. */

@@ -80,16 +80,21 @@ tide_status tide_context_create(const tide_model *model, const tide_context_para
     *out = NULL;
     if (!model) return tide_errf(err, err_len, TIDE_ERR_ARG, "model is NULL");
     tide_context_params p = params ? *params : tide_context_default_params();
-    const tide_hparams *hp = &model->hp;
     if (p.device < TIDE_DEVICE_CPU || p.device > TIDE_DEVICE_CUDA)
         return tide_errf(err, err_len, TIDE_ERR_ARG, "device: unknown device %d", p.device);
     TRY(check_residency_args(model->n_moe, p.policy, p.budget, p.budgets, p.n_budgets,
                              p.refresh_interval, err, err_len));
-    if (p.n_ctx <= 0) p.n_ctx = hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
+    if (p.n_ctx < 0) p.n_ctx = 0; /* the model's own, as memory allows (context.c) */
     if (p.n_ctx > (1 << 22))
         return tide_errf(err, err_len, TIDE_ERR_ARG, "n_ctx: %d too large", p.n_ctx);
     if (p.prefetch < 0)
         return tide_errf(err, err_len, TIDE_ERR_ARG, "prefetch: %d is negative", p.prefetch);
+    if (p.n_batch <= 0) p.n_batch = 512;
+    if (p.cache_type != TIDE_TYPE_F32 && p.cache_type != TIDE_TYPE_F16 &&
+        p.cache_type != TIDE_TYPE_BF16)
+        return tide_errf(err, err_len, TIDE_ERR_ARG,
+                         "cache_type: %d, expected f32 (%d), f16 (%d) or bf16 (%d)", p.cache_type,
+                         TIDE_TYPE_F32, TIDE_TYPE_F16, TIDE_TYPE_BF16);
     return tide_context_open(model, &p, p.budgets, out, err, err_len);
 }
 
@@ -126,10 +131,13 @@ tide_status tide_resident(const tide_context *ctx, int32_t moe_layer, uint8_t *o
 /* ---- the step interface ---------------------------------------------------------------------- */
 
 void tide_reset(tide_context *ctx) {
-    if (ctx) ctx->n_past = 0;
+    if (ctx) ctx->n_past = ctx->cache_block = 0;
 }
 int32_t tide_n_past(const tide_context *ctx) { return ctx ? ctx->n_past : 0; }
 int32_t tide_n_ctx(const tide_context *ctx) { return ctx ? ctx->n_ctx : 0; }
+uint64_t tide_cache_bytes(const tide_context *ctx) {
+    return ctx ? tide_context_cache_bytes(ctx) : 0;
+}
 
 static tide_status check_tokens(tide_context *ctx, const int32_t *tokens, int32_t n) {
     if (!tokens || n <= 0) return ctx_fail(ctx, TIDE_ERR_ARG, "tokens: empty (n = %d)", n);
@@ -156,15 +164,94 @@ static tide_status check_sampling(tide_context *ctx, const tide_sampling *s) {
     return TIDE_OK;
 }
 
+/* One forward that appends tokens[0..n) to the cache at n_past under blocks of block_length;
+ * the ids are remembered beside their keys and values. */
+static tide_status commit_forward(tide_context *ctx, const int32_t *tokens, int32_t n,
+                                  int32_t block_length, int32_t blocks_of) {
+    TRY(tide_forward(ctx, tokens, n, block_length, TIDE_FORWARD_COMMIT, -1, NULL, 0));
+    /* rows keep one block structure only while every commit starts on a block boundary of it */
+    if (ctx->n_past == 0)
+        ctx->cache_block = blocks_of;
+    else if (ctx->cache_block != blocks_of || ctx->n_past % blocks_of)
+        ctx->cache_block = -1;
+    memcpy(ctx->tokens + ctx->n_past, tokens, (size_t)n * sizeof(int32_t));
+    ctx->n_past += n;
+    return TIDE_OK;
+}
+
 tide_status tide_commit(tide_context *ctx, const int32_t *tokens, int32_t n) {
     if (!ctx) return TIDE_ERR_ARG;
     TRY(check_tokens(ctx, tokens, n));
     TRY(check_room(ctx, ctx->n_past, n));
     double t0 = tide_now();
-    tide_status st = tide_forward(ctx, tokens, n, ctx->n_past + n, TIDE_FORWARD_COMMIT, -1, NULL, 0);
-    if (st == TIDE_OK) ctx->n_past += n;
+    /* one block: every token sees every other */
+    tide_status st = commit_forward(ctx, tokens, n, ctx->n_past + n, n);
     ctx->st.t_total += tide_now() - t0;
     return st;
+}
+
+/* The micro-batch rule (tide.h): whole blocks up to n_batch rows, at least one block. */
+static int32_t batch_end(int32_t n_past, int32_t n, int32_t block_length, int32_t n_batch) {
+    /* the end of the first block */
+    int64_t first_end = ((int64_t)n_past / block_length + 1) * block_length;
+    int64_t limit = (int64_t)n_past + n_batch;
+    int64_t end = limit / block_length * block_length;
+    if (end < first_end) end = first_end;
+    if (end > (int64_t)n_past + n) end = (int64_t)n_past + n;
+    return (int32_t)(end - n_past);
+}
+
+int32_t tide_commit_batch_end(const tide_context *ctx, int32_t n, int32_t block_length) {
+    if (!ctx || n <= 0 || block_length < 1) return 0;
+    return batch_end(ctx->n_past, n, block_length, ctx->params.n_batch);
+}
+
+tide_status tide_commit_blocks(tide_context *ctx, const int32_t *tokens, int32_t n,
+                               int32_t block_length) {
+    if (!ctx) return TIDE_ERR_ARG;
+    TRY(check_tokens(ctx, tokens, n));
+    TRY(check_room(ctx, ctx->n_past, n));
+    if (block_length < 1)
+        return ctx_fail(ctx, TIDE_ERR_ARG, "block_length: %d, must be >= 1", block_length);
+    double t0 = tide_now();
+    tide_status st = TIDE_OK;
+    for (int32_t done = 0; done < n && st == TIDE_OK;) {
+        int32_t m = batch_end(ctx->n_past, n - done, block_length, ctx->params.n_batch);
+        st = commit_forward(ctx, tokens + done, m, block_length, block_length);
+        done += m;
+    }
+    ctx->st.t_total += tide_now() - t0;
+    return st;
+}
+
+tide_status tide_truncate(tide_context *ctx, int32_t n) {
+    if (!ctx) return TIDE_ERR_ARG;
+    if (n < 0 || n > ctx->n_past)
+        return ctx_fail(ctx, TIDE_ERR_ARG, "truncate: %d tokens, the cache holds %d", n,
+                        ctx->n_past);
+    ctx->n_past = n; /* rows past n are overwritten by the next commit before anything reads them */
+    if (n == 0) ctx->cache_block = 0;
+    return TIDE_OK;
+}
+
+int32_t tide_cache_block_length(const tide_context *ctx) { return ctx ? ctx->cache_block : 0; }
+
+tide_status tide_cache_tokens(const tide_context *ctx, int32_t *out, int32_t n) {
+    if (!ctx || !out || n < ctx->n_past) return TIDE_ERR_ARG;
+    memcpy(out, ctx->tokens, (size_t)ctx->n_past * sizeof(int32_t));
+    return TIDE_OK;
+}
+
+tide_status tide_state_save(tide_context *ctx, const char *path) {
+    if (!ctx) return TIDE_ERR_ARG;
+    if (!path || !path[0]) return ctx_fail(ctx, TIDE_ERR_ARG, "state: no path");
+    return tide_state_write(ctx, path);
+}
+
+tide_status tide_state_load(tide_context *ctx, const char *path) {
+    if (!ctx) return TIDE_ERR_ARG;
+    if (!path || !path[0]) return ctx_fail(ctx, TIDE_ERR_ARG, "state: no path");
+    return tide_state_read(ctx, path);
 }
 
 static tide_status step(tide_context *ctx, const int32_t *tokens, int32_t n, const uint8_t *want,
@@ -210,7 +297,7 @@ tide_status tide_step(tide_context *ctx, const int32_t *tokens, int32_t n, const
 tide_status tide_logits(tide_context *ctx, const int32_t *tokens, int32_t n, int32_t block_length,
                         float *out) {
     if (!ctx) return TIDE_ERR_ARG;
-    ctx->n_past = 0;
+    ctx->n_past = ctx->cache_block = 0;
     TRY(check_tokens(ctx, tokens, n));
     TRY(check_room(ctx, 0, n));
     if (block_length < 1)

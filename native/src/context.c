@@ -91,6 +91,7 @@ void tide_context_close(tide_context *ctx) {
     }
     free(ctx->k_cache);
     free(ctx->v_cache);
+    free(ctx->tokens);
     free(ctx->owned);
     free(ctx->w.layers);
     tide_pool_free(ctx->pool);
@@ -116,16 +117,60 @@ static tide_status new_backend(tide_context *ctx, char *err, size_t err_len) {
     return TIDE_OK;
 }
 
+/* Bytes of cache one token takes: keys and values of every layer. */
+static uint64_t cache_bytes_per_token(const tide_hparams *hp, int32_t cache_type) {
+    return 2ull * (uint64_t)hp->n_layer *
+           tide_row_bytes(cache_type, (int64_t)hp->n_head_kv * hp->head_dim);
+}
+
+uint64_t tide_context_cache_bytes(const tide_context *ctx) {
+    return cache_bytes_per_token(&ctx->model->hp, ctx->cache_type) * (uint64_t)ctx->n_ctx;
+}
+
+/* The context length: the caller's, if its cache fits in the free memory (else an error naming
+ * both), or by default the model's own, lowered to what fits in half of the free memory (the
+ * rest stays for expert slots and activations), in steps of 256 tokens. */
+static tide_status choose_n_ctx(tide_context *ctx) {
+    const tide_hparams *hp = &ctx->model->hp;
+    uint64_t per = cache_bytes_per_token(hp, ctx->cache_type), free_b = 0, total_b = 0;
+    TRY(be_check(ctx, ctx->be->dev->mem_free(ctx->be, &free_b, &total_b), "free memory"));
+    if (ctx->params.n_ctx > 0) {
+        uint64_t need = per * (uint64_t)ctx->params.n_ctx;
+        if (need > free_b)
+            return ctx_fail(ctx, TIDE_ERR_NOMEM,
+                            "n_ctx %d: the KV cache needs %llu bytes (%.2f GiB), %llu bytes "
+                            "(%.2f GiB) free on %s",
+                            ctx->params.n_ctx, (unsigned long long)need, need / 1073741824.0,
+                            (unsigned long long)free_b, free_b / 1073741824.0,
+                            ctx->be->dev->name);
+        ctx->n_ctx = ctx->params.n_ctx;
+        return TIDE_OK;
+    }
+    int64_t fit = (int64_t)(free_b / 2 / per);
+    int64_t n = hp->n_ctx_train < fit ? hp->n_ctx_train : fit / 256 * 256;
+    if (n < 1)
+        return ctx_fail(ctx, TIDE_ERR_NOMEM,
+                        "no room for a KV cache: %llu bytes a token, %llu bytes free on %s",
+                        (unsigned long long)per, (unsigned long long)free_b, ctx->be->dev->name);
+    if (n > (1 << 22)) n = 1 << 22;
+    ctx->n_ctx = (int32_t)n;
+    return TIDE_OK;
+}
+
 static tide_status alloc_kv_cache(tide_context *ctx) {
     const tide_hparams *hp = &ctx->model->hp;
-    size_t kv_bytes = (size_t)ctx->n_ctx * (size_t)hp->n_head_kv * (size_t)hp->head_dim * sizeof(float);
-    ctx->k_cache = calloc((size_t)hp->n_layer, sizeof(float *));
-    ctx->v_cache = calloc((size_t)hp->n_layer, sizeof(float *));
-    if (!ctx->k_cache || !ctx->v_cache) return ctx_fail(ctx, TIDE_ERR_NOMEM, "out of memory");
+    TRY(choose_n_ctx(ctx));
+    size_t kv_bytes = (size_t)ctx->n_ctx *
+                      tide_row_bytes(ctx->cache_type, (int64_t)hp->n_head_kv * hp->head_dim);
+    ctx->tokens = calloc((size_t)ctx->n_ctx, sizeof(int32_t));
+    ctx->k_cache = calloc((size_t)hp->n_layer, sizeof(void *));
+    ctx->v_cache = calloc((size_t)hp->n_layer, sizeof(void *));
+    if (!ctx->tokens || !ctx->k_cache || !ctx->v_cache)
+        return ctx_fail(ctx, TIDE_ERR_NOMEM, "out of memory");
     for (int32_t il = 0; il < hp->n_layer; il++) {
-        TRY(be_check(ctx, ctx->be->buf->alloc(ctx->be, kv_bytes, (void **)&ctx->k_cache[il]),
+        TRY(be_check(ctx, ctx->be->buf->alloc(ctx->be, kv_bytes, &ctx->k_cache[il]),
                      "allocating the KV cache"));
-        TRY(be_check(ctx, ctx->be->buf->alloc(ctx->be, kv_bytes, (void **)&ctx->v_cache[il]),
+        TRY(be_check(ctx, ctx->be->buf->alloc(ctx->be, kv_bytes, &ctx->v_cache[il]),
                      "allocating the KV cache"));
     }
     return TIDE_OK;
@@ -149,6 +194,7 @@ tide_status tide_context_open(const tide_model *model, const tide_context_params
     ctx->params = *p;
     ctx->params.budgets = NULL; /* not kept: the caller's array */
     ctx->n_ctx = p->n_ctx;
+    ctx->cache_type = p->cache_type;
     ctx->policy = p->policy;
     tide_status st = tide_pool_new(p->n_threads, &ctx->pool);
     if (st != TIDE_OK) {

@@ -63,6 +63,8 @@ static tide_status reserve_rows(tide_context *ctx, int32_t n) {
     size_t H = (size_t)hp->n_embd, nq = (size_t)hp->n_head * hp->head_dim;
     size_t ff = (size_t)hp->n_ff, fs = (size_t)hp->n_ff_exp * hp->n_expert_shared;
     if (fs > ff) ff = fs;
+    size_t nkv = (size_t)hp->n_head_kv * hp->head_dim;
+    if (ff < nkv) ff = nkv; /* hb, hb2 also hold K and V before a half cache stores them */
     if (ff < 1) ff = 1;
     size_t E = (size_t)hp->n_expert, K = (size_t)hp->n_expert_used, c = (size_t)cap, f = 4;
     if ((st = dev_alloc(ctx, c * H * f, &r->x)) || (st = dev_alloc(ctx, c * H * f, &r->xb)) ||
@@ -120,8 +122,14 @@ static tide_status attention(tide_context *ctx, int32_t il, int32_t n, int32_t b
     tide_run *r = &ctx->run;
     const int32_t H = hp->n_embd, hd = hp->head_dim;
     const int32_t nq = hp->n_head * hd, nkv = hp->n_head_kv * hd, pos0 = ctx->n_past;
-    float *k = ctx->k_cache[il] + (size_t)pos0 * nkv; /* this forward's cache rows */
-    float *v = ctx->v_cache[il] + (size_t)pos0 * nkv;
+    /* this forward's cache rows; an f32 cache takes K and V straight from the matmul, a half
+     * cache after computing them in f32 in the MLP buffers (free until the MLP) */
+    const size_t row = tide_row_bytes(ctx->cache_type, nkv);
+    char *k_rows = (char *)ctx->k_cache[il] + (size_t)pos0 * row;
+    char *v_rows = (char *)ctx->v_cache[il] + (size_t)pos0 * row;
+    const int f32 = ctx->cache_type == TIDE_TYPE_F32;
+    float *k = f32 ? (float *)k_rows : r->hb;
+    float *v = f32 ? (float *)v_rows : r->hb2;
     TRY(be_check(ctx, op->rmsnorm(be, r->x, L->attn_norm, n, H, hp->rms_eps, r->xb), "attn_norm"));
     TRY(be_check(ctx, op->matmul(be, &L->wq, r->xb, n, r->q), "q"));
     TRY(be_check(ctx, op->matmul(be, &L->wk, r->xb, n, k), "k"));
@@ -140,7 +148,14 @@ static tide_status attention(tide_context *ctx, int32_t il, int32_t n, int32_t b
                                    hp->rope_theta),
                      "rope k"));
     }
-    tide_attn_shape s = {n, pos0, pos0 + n, block_length, hp->n_head, hp->n_head_kv, hd, nkv};
+    if (!f32) {
+        TRY(be_check(ctx, op->convert(be, k, (int64_t)n * nkv, ctx->cache_type, k_rows),
+                     "storing keys"));
+        TRY(be_check(ctx, op->convert(be, v, (int64_t)n * nkv, ctx->cache_type, v_rows),
+                     "storing values"));
+    }
+    tide_attn_shape s = {n, pos0, pos0 + n, block_length, hp->n_head, hp->n_head_kv, hd, nkv,
+                         ctx->cache_type};
     TRY(be_check(ctx, op->attention(be, &s, r->q, ctx->k_cache[il], ctx->v_cache[il], r->att),
                  "attention"));
     TRY(be_check(ctx, op->matmul(be, &L->wo, r->att, n, r->xb2), "attn_output"));

@@ -139,9 +139,13 @@ struct tide_context {
     tide_weights w;             /* weights where the backend reads them */
     void **owned;               /* device copies to free */
     int32_t n_owned;
-    /* KV cache, per layer [n_ctx, nKV*hd] f32 on the device */
+    /* KV cache, per layer [n_ctx, nKV*hd] of cache_type on the device */
     int32_t n_ctx, n_past;
-    float **k_cache, **v_cache;
+    void **k_cache, **v_cache;  /* rows of cache_type (f32, f16 or bf16) */
+    int32_t cache_type;
+    int32_t *tokens;            /* [n_ctx] the token ids behind cache rows 0 .. n_past-1 (host) */
+    int32_t cache_block;        /* the block length every cached row was committed under; 0:
+                                   empty, -1: mixed (tide_cache_block_length) */
     tide_run run;
     /* residency */
     int32_t policy;             /* tide_policy in force (cpu on the cpu backend) */
@@ -184,5 +188,11 @@ tide_status tide_context_open(const tide_model *model, const tide_context_params
                               const int32_t *budgets, tide_context **out, char *err,
                               size_t err_len);
 void tide_context_close(tide_context *ctx);
+/* Bytes of the KV cache (every layer, keys and values, n_ctx tokens). */
+uint64_t tide_context_cache_bytes(const tide_context *ctx);
+
+/* state.c: the cache (ids, keys, values) to and from a file; format and checks there. */
+tide_status tide_state_write(tide_context *ctx, const char *path);
+tide_status tide_state_read(tide_context *ctx, const char *path);
 
 #endif /* TIDE_MODEL_H */

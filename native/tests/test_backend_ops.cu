@@ -327,13 +327,36 @@ static void test_rope(tide_backend *be, int n_tok, int n_head, int hd, int rope_
     be->buf->dealloc(be, xd);
 }
 
-static void test_attention(tide_backend *be, int n_q, int q_pos0, int n_kv, int B, int nh, int nkv, int hd) {
-    tide_attn_shape s = {n_q, q_pos0, n_kv, B, nh, nkv, hd, (int64_t)nkv * hd + 3};
+/* kv_type f16/bf16: K and V stored through the backend's convert op (the KV cache's store);
+ * the reference reads the host-rounded values, so it also checks the op's rounding. */
+static void test_attention(tide_backend *be, int n_q, int q_pos0, int n_kv, int B, int nh, int nkv, int hd,
+                           int32_t kv_type = TIDE_TYPE_F32) {
+    tide_attn_shape s = {n_q, q_pos0, n_kv, B, nh, nkv, hd, (int64_t)nkv * hd + 3, kv_type};
     auto q = rand_vec((size_t)n_q * nh * hd, 2.0f), k = rand_vec((size_t)n_kv * s.kv_stride, 2.0f),
          v = rand_vec((size_t)n_kv * s.kv_stride);
     float *qd = dev_floats(be, q), *kd = dev_floats(be, k), *vd = dev_floats(be, v);
     float *od = dev_floats(be, std::vector<float>((size_t)n_q * nh * hd));
-    CHECK_OK(be, be->ops->attention(be, &s, qd, kd, vd, od));
+    const void *kx = kd, *vx = vd;
+    void *kh = nullptr, *vh = nullptr;
+    if (kv_type != TIDE_TYPE_F32) {
+        const size_t n = k.size();
+        CHECK_OK(be, be->buf->alloc(be, n * 2, &kh));
+        CHECK_OK(be, be->buf->alloc(be, n * 2, &vh));
+        CHECK_OK(be, be->ops->convert(be, kd, (int64_t)n, kv_type, kh));
+        CHECK_OK(be, be->ops->convert(be, vd, (int64_t)n, kv_type, vh));
+        kx = kh;
+        vx = vh;
+        for (auto *h : {&k, &v})
+            for (auto &x : *h) {
+                if (kv_type == TIDE_TYPE_F16) {
+                    x = from_f16(to_f16(x));
+                } else {
+                    uint32_t u = (uint32_t)to_bf16(x) << 16;
+                    memcpy(&x, &u, 4);
+                }
+            }
+    }
+    CHECK_OK(be, be->ops->attention(be, &s, qd, kx, vx, od));
     auto o = get_floats(be, od, (size_t)n_q * nh * hd);
     std::vector<double> ref((size_t)n_q * nh * hd);
     int G = nh / nkv;
@@ -360,12 +383,33 @@ static void test_attention(tide_backend *be, int n_q, int q_pos0, int n_kv, int 
         }
     double scale, e = compare(o, ref, &scale);
     char name[128];
-    snprintf(name, sizeof name, "attention q=%d@%d kv=%d B=%d heads=%d/%d hd=%d", n_q, q_pos0, n_kv, B, nh, nkv, hd);
+    snprintf(name, sizeof name, "attention q=%d@%d kv=%d B=%d heads=%d/%d hd=%d%s", n_q, q_pos0, n_kv, B, nh, nkv, hd,
+             kv_type == TIDE_TYPE_F16 ? " f16 kv" : kv_type == TIDE_TYPE_BF16 ? " bf16 kv" : "");
     report(name, e, scale, 1e-5);
+    /* a query alone at its position gives the bits it gets in the batch (row determinism: what
+     * makes a multi-block commit write the cache a commit per block writes) */
+    bool same = true;
+    const size_t row = (size_t)nh * hd;
+    for (int i = 0; i < n_q && same; i += (n_q > 8 ? n_q / 8 : 1)) {
+        tide_attn_shape one = s;
+        one.n_q = 1;
+        one.q_pos0 = q_pos0 + i;
+        float *q1 = dev_floats(be, std::vector<float>(q.begin() + i * row, q.begin() + (i + 1) * row));
+        float *o1 = dev_floats(be, std::vector<float>(row));
+        CHECK_OK(be, be->ops->attention(be, &one, q1, kx, vx, o1));
+        auto got = get_floats(be, o1, row);
+        same = memcmp(got.data(), o.data() + i * row, row * sizeof(float)) == 0;
+        be->buf->dealloc(be, q1);
+        be->buf->dealloc(be, o1);
+    }
+    snprintf(name, sizeof name, "attention q=%d@%d kv=%d: a query alone == in the batch", n_q, q_pos0, n_kv);
+    report(name, same ? 0.0 : INFINITY, 1.0, 0.0);
     be->buf->dealloc(be, qd);
     be->buf->dealloc(be, kd);
     be->buf->dealloc(be, vd);
     be->buf->dealloc(be, od);
+    if (kh) be->buf->dealloc(be, kh);
+    if (vh) be->buf->dealloc(be, vh);
 }
 
 static void test_elementwise(tide_backend *be) {
@@ -606,6 +650,10 @@ int main(int argc, char **argv) {
     test_attention(be, 7, 3, 10, 1, 8, 2, 64); /* causal */
     test_attention(be, 4, 30, 33, 8, 2, 1, 40);
     test_attention(be, 3, 17, 20, 4, 16, 2, 128);
+    test_attention(be, 40, 600, 640, 32, 8, 2, 64); /* a prefill micro-batch after a long cache */
+    test_attention(be, 256, 0, 256, 32, 16, 2, 32); /* enough chunks for 16 rows a block (cuda) */
+    test_attention(be, 40, 600, 640, 32, 8, 2, 64, TIDE_TYPE_F16); /* half-precision KV caches */
+    test_attention(be, 7, 3, 10, 1, 8, 2, 128, TIDE_TYPE_BF16);
     test_elementwise(be);
     test_argmax(be, quick ? 2 : 32, 157184, false);
     test_argmax(be, 3, 1001, true);

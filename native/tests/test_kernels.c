@@ -517,11 +517,13 @@ static void test_attention(void) {
         {32, 32, 64, 32, 4, 2, 128, 0}, /* a step: block 32 against a cache of one block */
         {5, 64, 69, 32, 2, 1, 40, 8},   /* partial block */
         {40, 0, 40, 32, 2, 2, 8, 0},    /* prefill of 1.25 blocks */
+        {32, 4096, 4128, 32, 8, 2, 128, 0}, /* a step after 4096 cached: many tiles */
+        {64, 4160, 4224, 32, 4, 1, 64, 5},  /* two blocks of a prefill micro-batch, long cache */
     };
     tide_pool *pools[5] = {NULL, P2, P3, S2, A2};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         tide_attn_shape s = {cases[ci].n_q, cases[ci].q_pos0, cases[ci].n_kv, cases[ci].bl,
-                             cases[ci].nh, cases[ci].nkv, cases[ci].hd, 0};
+                             cases[ci].nh, cases[ci].nkv, cases[ci].hd, 0, TIDE_TYPE_F32};
         s.kv_stride = (int64_t)s.n_head_kv * s.head_dim + cases[ci].extra;
         int64_t qn = (int64_t)s.n_q * s.n_head * s.head_dim;
         float *q = xmalloc(sizeof(float) * (size_t)qn), *o = xmalloc(sizeof(float) * (size_t)qn);
@@ -560,7 +562,7 @@ static void test_attention(void) {
     }
     /* the mask rule itself: a key in a later block must not matter, one in the same block must */
     {
-        tide_attn_shape s = {4, 4, 12, 4, 1, 1, 8, 8};
+        tide_attn_shape s = {4, 4, 12, 4, 1, 1, 8, 8, TIDE_TYPE_F32};
         float q[4 * 8], k[12 * 8], v[12 * 8], o[4 * 8], o2[4 * 8];
         fill(q, 32, 1);
         fill(k, 96, 1);
@@ -576,7 +578,7 @@ static void test_attention(void) {
         cpu_attention(P2, &s, q, k, v, o2);
         check(o2[0] != o[0], "attention: keys later in the same block are visible");
     }
-    tide_attn_shape bad = {1, 0, 1, 4, 3, 2, 8, 16};
+    tide_attn_shape bad = {1, 0, 1, 4, 3, 2, 8, 16, TIDE_TYPE_F32};
     float z[64] = {0};
     check(cpu_attention(P2, &bad, z, z, z, z) == TIDE_ERR_ARG, "attention rejects n_head % n_head_kv");
 }

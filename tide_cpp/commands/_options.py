@@ -95,8 +95,20 @@ def add_model_options(p, required=True, n_ctx=True,
          help="host threads")
     if n_ctx:
         _add(g, "--n-ctx", type=_positive(int), metavar="N",
-             none_means="min(training context, 4096)", help="context length in tokens")
+             none_means="the model's own, or what fits in half of the free memory",
+             help="context length in tokens")
+        _add(g, "--cache-type", choices=["f32", "f16", "bf16"], none_means="f32",
+             help="KV cache values: f32 (exact), f16 or bf16 (half the memory; results change "
+                  "in the last bits)")
     return g
+
+
+def add_prompt_cache_option(g):
+    g.add_argument("--prompt-cache", metavar="FILE",
+                   help="keep the prompt's cache in FILE across runs: read at start when it "
+                        "exists (a file of another model or build is refused and recomputed), "
+                        "written after every answer; a prompt that starts as the cached one "
+                        "prefills only the rest")
 
 
 def add_residency_options(p, policies=None, gpu_experts=None, refresh_interval=None,
@@ -262,7 +274,7 @@ def model_kwargs(args, trace=False):
     for opt, name in (("threads", "n_threads"), ("n_ctx", "n_ctx"), ("policy", "policy"),
                       ("gpu_experts", "gpu_experts"), ("refresh_interval", "refresh_interval"),
                       ("prefetch_experts", "prefetch_experts"),
-                      ("device_memory", "device_memory")):
+                      ("device_memory", "device_memory"), ("cache_type", "cache_type")):
         v = getattr(args, opt, None)
         if v is not None:
             kw[name] = v
@@ -280,6 +292,37 @@ def load_model(args, trace=False):
     return Model(args.model, **model_kwargs(args, trace))
 
 
+def load_prompt_cache(model, args, err=sys.stderr):
+    """--prompt-cache FILE: the cache saved by an earlier run, when FILE exists and fits this
+    model and build (else a note saying why, and the prompt is computed afresh)."""
+    import os
+
+    path = getattr(args, "prompt_cache", None)
+    if not path or not os.path.exists(path):
+        return
+    try:
+        model.load_state(path)
+    except RuntimeError as e:  # TideError: another model, build, context, or a damaged file
+        print(f"tide-cli: prompt cache not used: {e}", file=err)
+
+
+def save_prompt_cache(model, args, err=sys.stderr):
+    """--prompt-cache FILE: write the cache now (atomically)."""
+    path = getattr(args, "prompt_cache", None)
+    if not path:
+        return
+    try:
+        model.save_state(path)
+    except RuntimeError as e:
+        print(f"tide-cli: prompt cache not saved: {e}", file=err)
+
+
+def context_line(model):
+    """`context: N tokens, KV cache X` for start-up messages."""
+    return (f"context: {model.n_ctx} tokens, KV cache {fmt_bytes(model.cache_bytes)} "
+            f"({getattr(model, 'cache_type', 'f32')})")
+
+
 def error(msg):
     print(f"tide-cli: error: {msg}", file=sys.stderr)
     return 1
@@ -290,7 +333,9 @@ def stats_lines(gen_stats, model_stats=None):
     s = gen_stats
     lines = [
         f"tokens: {s['tokens']} in {s['seconds']:.2f} s ({s['tokens_per_second']:.1f} tokens/s), "
-        f"prompt {s['prompt_tokens']} tokens",
+        f"prompt {s['prompt_tokens']} tokens"
+        + (f" ({s['prompt_tokens_reused']} from the cache)" if s.get("prompt_tokens_reused")
+           else ""),
         f"diffusion: {s['steps']} steps over {s['blocks']} blocks of {s['block_length']}, "
         f"{s['tokens_per_forward']:.2f} tokens per forward"
         + (f", {s['edits']} edits, {s['post_steps']} post steps" if "edits" in s else ""),

@@ -35,7 +35,8 @@ def add_parser(subparsers):
 class Chat:
     """The conversation: history of messages and one reply at a time."""
 
-    def __init__(self, model, system=None, out=sys.stdout, err=sys.stderr, stats=False, **kw):
+    def __init__(self, model, system=None, out=sys.stdout, err=sys.stderr, stats=False,
+                 after_reply=None, **kw):
         from tide_cpp.tokenizer import tokenizer_of
 
         self.model = model
@@ -44,6 +45,7 @@ class Chat:
         self.kw = kw
         self.out, self.err = out, err
         self.show_stats = stats
+        self.after_reply = after_reply  # called after every reply (the prompt cache)
         self.reset()
 
     def reset(self):
@@ -84,6 +86,8 @@ class Chat:
         self.out.flush()
         g = st.generation
         self.history.append({"role": "assistant", "content": g.text})
+        if self.after_reply:
+            self.after_reply()
         if self.show_stats:
             for line in _options.stats_lines(g.stats):
                 print(line, file=self.err)
@@ -145,13 +149,16 @@ def run(args):
     kw = _options.generation_kwargs(args)
     with model:
         try:
-            chat = Chat(model, system=args.system, stats=args.stats, **kw)
+            _options.load_prompt_cache(model, args)
+            chat = Chat(model, system=args.system, stats=args.stats,
+                        after_reply=lambda: _options.save_prompt_cache(model, args), **kw)
             from tide_cpp import generation
             generation.check_params(model, [], **kw)  # bad options fail now, not at the 1st turn
         except ValueError as e:
             return _options.error(e)
-        print(f"tide.cpp chat: {args.model} ({getattr(model, 'device', '?')}). "
-              "/help for commands, Ctrl-D to leave.", file=sys.stderr)
+        print(f"tide.cpp chat: {args.model} ({getattr(model, 'device', '?')}, "
+              f"{_options.context_line(model)}). /help for commands, Ctrl-D to leave.",
+              file=sys.stderr)
         while True:
             try:
                 line = _read_line(">>> ")

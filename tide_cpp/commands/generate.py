@@ -124,6 +124,7 @@ def run(args):
             kw = _options.generation_kwargs(args)
             visual = args.visual and out.isatty()
             view = CanvasView(tok, out) if visual else None
+            _options.load_prompt_cache(model, args)
             st = generation.stream(model, prompt, on_step=view.on_step if view else None, **kw)
         except ValueError as e:
             return _options.error(e)
@@ -138,6 +139,7 @@ def run(args):
             print("interrupted", file=sys.stderr)
             return 130
         g = st.generation
+        _options.save_prompt_cache(model, args)
         if visual:  # the final answer, in plain text
             view.draw(g.text, g.text)
         out.write("\n")

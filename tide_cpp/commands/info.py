@@ -34,6 +34,13 @@ def run(args):
     for k, v in meta.items():
         if k.startswith(arch + "."):
             print(f"  {k[len(arch) + 1:]} = {v}")
+    n_kv = meta.get(f"{arch}.attention.head_count_kv")
+    hd = meta.get(f"{arch}.attention.key_length")
+    n_layer, n_ctx = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.context_length")
+    if n_kv and hd and n_layer and n_ctx:
+        per = 2 * n_layer * n_kv * hd * 4  # keys and values of every layer, f32
+        print(f"KV cache: {_size(per)} a token, {_size(per * n_ctx)} at the model's context of "
+              f"{n_ctx} tokens (f32; half with --cache-type f16 or bf16)")
     tokens = meta.get("tokenizer.ggml.tokens") or []
     print(f"tokenizer: {meta.get('tokenizer.ggml.model', '?')}, {len(tokens)} tokens")
     for k in ("bos", "eos", "padding", "mask"):

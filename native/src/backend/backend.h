@@ -79,12 +79,13 @@ typedef struct {
 /* Attention of n_q query rows at absolute positions q_pos0 .. q_pos0+n_q-1 against keys/values
  * at positions 0 .. n_kv-1 (the cache, current rows already written into it). Key j is visible to
  * query i iff j / block_length <= (q_pos0 + i) / block_length. q: [n_q, n_head*head_dim],
- * k, v: [n_kv, n_head_kv*head_dim] (row stride kv_stride floats), out: [n_q, n_head*head_dim].
+ * k, v: [n_kv, n_head_kv*head_dim] of kv_type (row stride kv_stride values), out: [n_q, n_head*head_dim].
  * GQA: head h reads kv head h / (n_head / n_head_kv). Scale 1/sqrt(head_dim). Softmax in f32. */
 typedef struct {
     int32_t n_q, q_pos0, n_kv, block_length;
     int32_t n_head, n_head_kv, head_dim;
     int64_t kv_stride;
+    int32_t kv_type; /* tide_type of k and v: f32 (0), f16 or bf16; kv_stride counts values */
 } tide_attn_shape;
 
 /* What a backend can do; the core asks these, never which backend it is. */
@@ -143,7 +144,7 @@ typedef struct {
     tide_status (*rope)(tide_backend *be, float *x, int32_t n_tok, int64_t stride, int32_t n_head,
                         int32_t head_dim, int32_t rope_dim, int32_t pos0, float theta);
     tide_status (*attention)(tide_backend *be, const tide_attn_shape *s, const float *q,
-                             const float *k, const float *v, float *out);
+                             const void *k, const void *v, float *out);
     /* y[i] += x[i] */
     tide_status (*add)(tide_backend *be, float *y, const float *x, int64_t n);
     /* g[i] = silu(g[i]) * u[i] */
@@ -161,6 +162,9 @@ typedef struct {
      * probability, into host arrays. */
     tide_status (*argmax_prob)(tide_backend *be, const float *logits, int32_t n, int32_t n_vocab,
                                int32_t *out_token, float *out_prob);
+    /* y[i] = x[i] stored as `type` (f32: a copy; f16, bf16: round to nearest even), n values:
+     * the store into a half-precision KV cache */
+    tide_status (*convert)(tide_backend *be, const float *x, int64_t n, int32_t type, void *y);
 } tide_backend_ops_i;
 
 struct tide_backend {

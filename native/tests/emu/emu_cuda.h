@@ -48,6 +48,7 @@ using std::min;
 
 template <class T> inline T __ldg(const T *p) { return *p; }
 inline float __uint_as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+inline uint32_t __float_as_uint(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
 /* ---- half ---- */
 struct __half_raw { unsigned short x; };
@@ -90,6 +91,8 @@ inline __half __float2half(float f) { /* round to nearest even, via the exact fl
     }
     return __ushort_as_half((unsigned short)(s | bits));
 }
+inline __half __float2half_rn(float f) { return __float2half(f); }
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
 
 /* ---- runtime API ---- */
 typedef int cudaError_t;

@@ -1,31 +1,39 @@
-/* attention.c: block-causal GQA attention.
+/* attention.c: block-causal GQA attention, tiled, with an online softmax (as flash attention).
  *
- * Work item: (kv head g, a chunk of up to ATTN_QB queries of one attention block). Queries of
- * one block see the same keys, so the chunk's scores are one matmul of the visible keys against
- * its ATTN_QB x group query heads (each key row read once for all of them), and the weighted sum
- * of V is the mirror image (each V row read once per key block for all of them). Per (query,
- * head) the arithmetic is fixed: canonical dot per key, scale, max, exp, 8-lane sum, then
- * o[d] = fma(p_j, v_j[d], o[d]) for j ascending from o = 0, times 1/sum. So a query gives the
- * same bits alone or in any batch, with any thread count.
+ * Work item: (kv head g, a chunk of up to 32 queries of one attention block). Queries of one
+ * block see the same keys, so the item walks the visible keys in tiles of ATTN_T: the tile's
+ * scores are one small matmul of its K rows against the chunk's queries x group query heads,
+ * and the tile's weighted sum of V another (its V rows transposed once into scratch), both on
+ * the matmul core, so each K/V row is read once per item (once per step and kv head for a
+ * 32-token block), however long the context. Per (query, head) the arithmetic is fixed:
+ * canonical dot per key, scale; per tile the running max, exp, 8-lane tile sum, alpha =
+ * exp(old max - new max) when the max grew, o = o * alpha + (canonical dot of the tile's
+ * weights with each V column), sum = sum * alpha + tile sum; finally o times 1/sum. Tiles start
+ * at absolute key positions, so a query gives the same bits alone or in any batch, with any
+ * thread count.
  */
 #include "backend/cpu/cpu_internal.h"
 
 #include <math.h>
 #include <stdlib.h>
 
-#define ATTN_QB 4   /* queries per work item */
-#define ATTN_JB 64  /* keys per pass of the weighted sum (their V rows stay in L1) */
-#define TIDE_MAX_GROUP 64 /* query heads per kv head, at most (LLaDA2: 4 and 8) */
-#define ATTN_MAXR (ATTN_QB * TIDE_MAX_GROUP)
+#define ATTN_T 64          /* keys per tile (a tile's K and V rows of one head stay in L1/L2) */
+#define ATTN_QB_MAX 32     /* queries per work item, at most: a whole LLaDA2 block */
+#define ATTN_QB_MIN 4      /* ... at least, when splitting further to feed the threads */
+#define TIDE_MAX_GROUP 64  /* query heads per kv head, at most (LLaDA2: 4 and 8) */
+#define ATTN_MAXR 256      /* query rows (queries x group) per work item, at most */
 
 typedef struct {
     tide_cpu_features f;
     const tide_attn_shape *s;
-    const float *q, *k, *v;
+    const float *q;
+    const char *k, *v; /* of kv_type */
+    size_t esize;      /* bytes of one cached value */
     float *out;
     int64_t n_chunks;   /* query chunks */
     int32_t *chunk_q0;  /* [n_chunks + 1] first query of each chunk */
-    float *scratch;     /* n_threads * ATTN_QB * group * n_kv */
+    float *scratch;     /* n_threads * scratch_per: one tile of scores per row of an item */
+    int64_t scratch_per;
 } attn_job;
 
 /* exp(s_j - m) in place for j < n, returns their sum (8 lanes, fixed order). */
@@ -36,19 +44,6 @@ static float softmax_exp_scalar(float *s, int64_t n, float m) {
         lanes[j & 7] += s[j];
     }
     return cpu_hsum8_scalar(lanes);
-}
-
-/* o[r][d] += p[r][j] * v_j[d] for rows r < nr, keys j in [j0, j1), dims [d0, hd): one row at a
- * time, accumulators in memory (the leftovers of the blocked kernel, and the scalar path). */
-static void pv_rows_scalar(float *const *o, const float *const *p, int nr, const float *v,
-                           int64_t kv_stride, int64_t j0, int64_t j1, int32_t d0, int32_t hd) {
-    for (int r = 0; r < nr; r++)
-        for (int64_t j = j0; j < j1; j++) {
-            const float *vj = v + j * kv_stride;
-            float pj = p[r][j];
-            for (int32_t d = d0; d < hd; d++)
-                o[r][d] += pj * vj[d];
-        }
 }
 
 #ifdef TIDE_X86
@@ -70,148 +65,128 @@ TIDE_AVX2 static float softmax_exp_avx2(float *s, int64_t n, float m) {
     return cpu_hsum8_scalar(lanes);
 }
 
-/* The weighted sum for keys [j0, j1): pairs of rows x 32 dims with 8 register accumulators
- * (loaded from and stored to o around the key loop: the same values, the same fma order), the
- * rest one row at a time with fma. */
-TIDE_AVX2 static void pv_block_avx2(float *const *o, const float *const *p, int nr,
-                                    const float *v, int64_t kv_stride, int64_t j0, int64_t j1,
-                                    int32_t hd) {
-    int32_t hd32 = hd / 32 * 32;
-    int nr2 = nr / 2 * 2;
-    for (int r = 0; r < nr2; r += 2) {
-        float *o0 = o[r], *o1 = o[r + 1];
-        const float *p0 = p[r], *p1 = p[r + 1];
-        for (int32_t d = 0; d < hd32; d += 32) {
-            __m256 a0 = _mm256_loadu_ps(o0 + d), a1 = _mm256_loadu_ps(o0 + d + 8);
-            __m256 a2 = _mm256_loadu_ps(o0 + d + 16), a3 = _mm256_loadu_ps(o0 + d + 24);
-            __m256 b0 = _mm256_loadu_ps(o1 + d), b1 = _mm256_loadu_ps(o1 + d + 8);
-            __m256 b2 = _mm256_loadu_ps(o1 + d + 16), b3 = _mm256_loadu_ps(o1 + d + 24);
-            const float *vj = v + j0 * kv_stride + d;
-            for (int64_t j = j0; j < j1; j++, vj += kv_stride) {
-                __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8);
-                __m256 v2 = _mm256_loadu_ps(vj + 16), v3 = _mm256_loadu_ps(vj + 24);
-                __m256 q0 = _mm256_broadcast_ss(p0 + j), q1 = _mm256_broadcast_ss(p1 + j);
-                a0 = _mm256_fmadd_ps(q0, v0, a0);
-                a1 = _mm256_fmadd_ps(q0, v1, a1);
-                a2 = _mm256_fmadd_ps(q0, v2, a2);
-                a3 = _mm256_fmadd_ps(q0, v3, a3);
-                b0 = _mm256_fmadd_ps(q1, v0, b0);
-                b1 = _mm256_fmadd_ps(q1, v1, b1);
-                b2 = _mm256_fmadd_ps(q1, v2, b2);
-                b3 = _mm256_fmadd_ps(q1, v3, b3);
+#endif
+
+/* One work item: the nr = nq * group query rows of kv head g and queries q0 .. q0+nq-1 (one
+ * attention block), against keys [0, lim), tile by tile. The tiles start at absolute key
+ * positions 0, ATTN_T, 2 ATTN_T, ... whatever the batch, so a row's arithmetic depends on its
+ * query, its lim and the cache only. */
+static void attn_item(const attn_job *j, int32_t g, int32_t q0, int32_t nq, float *sc) {
+    float *vtile = sc + (int64_t)ATTN_MAXR * ATTN_T; /* [hd][ATTN_T] */
+    float *pv = vtile + (int64_t)j->s->head_dim * ATTN_T; /* [nr][hd] */
+    const tide_attn_shape *s = j->s;
+    const int32_t group = s->n_head / s->n_head_kv, hd = s->head_dim, nr = nq * group;
+    const float scale = 1.0f / sqrtf((float)hd);
+    int32_t xidx[ATTN_MAXR];
+    float *orow[ATTN_MAXR];
+    float m[ATTN_MAXR], l[ATTN_MAXR], alpha[ATTN_MAXR];
+    /* key j visible to query i iff j / B <= (q_pos0 + i) / B: the block's end, for all nq */
+    int64_t lim = ((int64_t)(s->q_pos0 + q0) / s->block_length + 1) * s->block_length;
+    if (lim > s->n_kv)
+        lim = s->n_kv;
+    for (int32_t r = 0; r < nr; r++) {
+        int32_t i = q0 + r / group, h = g * group + r % group;
+        xidx[r] = i * s->n_head + h;
+        orow[r] = j->out + (int64_t)xidx[r] * hd;
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        memset(orow[r], 0, (size_t)hd * sizeof(float));
+    }
+    const size_t es = j->esize, rb = (size_t)s->kv_stride * es; /* value, row bytes */
+    const char *kg = j->k + (size_t)g * hd * es, *vg = j->v + (size_t)g * hd * es;
+    for (int64_t t0 = 0; t0 < lim; t0 += ATTN_T) {
+        int64_t tn = lim - t0 < ATTN_T ? lim - t0 : ATTN_T;
+        /* scores of the tile: one small matmul, each key row read once for all nr rows */
+        cpu_wview kv = {s->kv_type, kg + (size_t)t0 * rb, rb, hd};
+        cpu_tokens ts = {j->q, hd, xidx, sc, ATTN_T, NULL, nr};
+        cpu_matmul_view_rows(&j->f, &kv, 0, tn, &ts);
+        /* online softmax: running max m, running sum l; alpha rescales what came before */
+        for (int32_t r = 0; r < nr; r++) {
+            float *sh = sc + (int64_t)r * ATTN_T, mt = m[r];
+            for (int64_t k = 0; k < tn; k++) {
+                sh[k] *= scale;
+                if (sh[k] > mt)
+                    mt = sh[k];
             }
-            _mm256_storeu_ps(o0 + d, a0);
-            _mm256_storeu_ps(o0 + d + 8, a1);
-            _mm256_storeu_ps(o0 + d + 16, a2);
-            _mm256_storeu_ps(o0 + d + 24, a3);
-            _mm256_storeu_ps(o1 + d, b0);
-            _mm256_storeu_ps(o1 + d + 8, b1);
-            _mm256_storeu_ps(o1 + d + 16, b2);
-            _mm256_storeu_ps(o1 + d + 24, b3);
+            float sum;
+#ifdef TIDE_X86
+            if (j->f.avx2)
+                sum = softmax_exp_avx2(sh, tn, mt);
+            else
+#endif
+                sum = softmax_exp_scalar(sh, tn, mt);
+            alpha[r] = mt > m[r] && m[r] > -INFINITY ? expf(m[r] - mt) : 1.0f;
+            m[r] = mt;
+            l[r] = l[r] * alpha[r] + sum;
+        }
+        /* the tile's weighted sum of V as a second small matmul: the tile's V rows transposed
+         * (dims x keys), so each is read once for all nr rows by the matmul core */
+        for (int64_t k = 0; k < tn; k++) {
+            const char *vr = vg + (size_t)(t0 + k) * rb;
+            float *row = pv; /* the row in f32 first (pv is free until the matmul below) */
+            if (s->kv_type == TIDE_TYPE_F32)
+                row = (float *)vr;
+            else if (s->kv_type == TIDE_TYPE_F16)
+                cpu_f16_to_f32_row(&j->f, (const uint16_t *)vr, row, hd);
+            else
+                cpu_bf16_to_f32_row(&j->f, (const uint16_t *)vr, row, hd);
+            for (int32_t d = 0; d < hd; d++)
+                vtile[(int64_t)d * ATTN_T + k] = row[d];
+        }
+        cpu_wview vw = {TIDE_TYPE_F32, (const char *)vtile, ATTN_T * sizeof(float), tn};
+        cpu_tokens ps = {sc, ATTN_T, NULL, pv, hd, NULL, nr};
+        cpu_matmul_view_rows(&j->f, &vw, 0, hd, &ps);
+        for (int32_t r = 0; r < nr; r++) {
+            float a = alpha[r], *o = orow[r];
+            const float *t = pv + (int64_t)r * hd;
+            for (int32_t d = 0; d < hd; d++)
+                o[d] = o[d] * a + t[d];
         }
     }
-    for (int r = 0; r < nr; r++) {
-        int32_t d0 = r < nr2 ? hd32 : 0;
-        if (d0 == hd)
-            continue;
-        float *orow = o[r];
-        for (int64_t j = j0; j < j1; j++) {
-            const float *vj = v + j * kv_stride;
-            float pj = p[r][j];
-            __m256 pv = _mm256_set1_ps(pj);
-            int32_t d = d0;
-            for (; d + 8 <= hd; d += 8)
-                _mm256_storeu_ps(orow + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vj + d),
-                                                           _mm256_loadu_ps(orow + d)));
-            for (; d < hd; d++)
-                orow[d] = fmaf(pj, vj[d], orow[d]);
-        }
+    for (int32_t r = 0; r < nr && lim > 0; r++) {
+        float inv = 1.0f / l[r];
+        for (int32_t d = 0; d < hd; d++)
+            orow[r][d] *= inv;
     }
 }
-#endif
 
 static void attn_thread(void *p, int ith, int nth) {
     attn_job *j = p;
-    const tide_attn_shape *s = j->s;
-    int32_t group = s->n_head / s->n_head_kv, hd = s->head_dim;
-    int64_t items = j->n_chunks * s->n_head_kv, b, e;
+    int64_t items = j->n_chunks * j->s->n_head_kv, b, e;
     tide_chunk(items, ith, nth, &b, &e);
-    float *sc = j->scratch + (int64_t)ith * ATTN_QB * group * s->n_kv;
-    float scale = 1.0f / sqrtf((float)hd);
-    int32_t xidx[ATTN_MAXR];
-    float *orow[ATTN_MAXR];
-    const float *prow[ATTN_MAXR];
+    float *sc = j->scratch + (int64_t)ith * j->scratch_per;
     for (int64_t it = b; it < e; it++) {
         /* kv head outer: consecutive items of a thread reuse the same K/V rows from cache */
         int32_t g = (int32_t)(it / j->n_chunks);
         int64_t c = it % j->n_chunks;
-        int32_t q0 = j->chunk_q0[c], nq = j->chunk_q0[c + 1] - q0, nr = nq * group;
-        /* every query of the chunk is in one attention block: key j visible iff
-         * j / B <= (q_pos0 + i) / B */
-        int64_t lim = ((int64_t)(s->q_pos0 + q0) / s->block_length + 1) * s->block_length;
-        if (lim > s->n_kv)
-            lim = s->n_kv;
-        for (int32_t r = 0; r < nr; r++) {
-            int32_t i = q0 + r / group, h = g * group + r % group;
-            xidx[r] = i * s->n_head + h;
-            orow[r] = j->out + (int64_t)xidx[r] * hd;
-            prow[r] = sc + (int64_t)r * s->n_kv;
-        }
-        if (lim <= 0) {
-            for (int32_t r = 0; r < nr; r++)
-                memset(orow[r], 0, (size_t)hd * sizeof(float));
-            continue;
-        }
-        cpu_wview kv = {TIDE_TYPE_F32, (const char *)(j->k + (int64_t)g * hd),
-                        (size_t)s->kv_stride * sizeof(float), hd};
-        cpu_tokens ts = {j->q, hd, xidx, sc, s->n_kv, NULL, nr};
-        cpu_matmul_view_rows(&j->f, &kv, 0, lim, &ts);
-        float inv[ATTN_MAXR];
-        for (int32_t r = 0; r < nr; r++) {
-            float *sh = sc + (int64_t)r * s->n_kv;
-            float m = -INFINITY;
-            for (int64_t k = 0; k < lim; k++) {
-                sh[k] *= scale;
-                if (sh[k] > m)
-                    m = sh[k];
-            }
-#ifdef TIDE_X86
-            if (j->f.avx2)
-                inv[r] = 1.0f / softmax_exp_avx2(sh, lim, m);
-            else
-#endif
-                inv[r] = 1.0f / softmax_exp_scalar(sh, lim, m);
-            memset(orow[r], 0, (size_t)hd * sizeof(float));
-        }
-        const float *vg = j->v + (int64_t)g * hd;
-        for (int64_t j0 = 0; j0 < lim; j0 += ATTN_JB) {
-            int64_t j1 = j0 + ATTN_JB < lim ? j0 + ATTN_JB : lim;
-#ifdef TIDE_X86
-            if (j->f.avx2) {
-                pv_block_avx2(orow, prow, nr, vg, s->kv_stride, j0, j1, hd);
-                continue;
-            }
-#endif
-            pv_rows_scalar(orow, prow, nr, vg, s->kv_stride, j0, j1, 0, hd);
-        }
-        for (int32_t r = 0; r < nr; r++)
-            for (int32_t d = 0; d < hd; d++)
-                orow[r][d] *= inv[r];
+        attn_item(j, g, j->chunk_q0[c], j->chunk_q0[c + 1] - j->chunk_q0[c], sc);
     }
 }
 
 tide_status cpu_attention(tide_pool *pool, const tide_attn_shape *s, const float *q,
-                          const float *k, const float *v, float *out) {
+                          const void *k, const void *v, float *out) {
     if (!s || s->n_q < 0 || s->n_kv < 0 || s->q_pos0 < 0 || s->block_length < 1 ||
         s->n_head < 1 || s->n_head_kv < 1 || s->n_head % s->n_head_kv ||
         s->n_head / s->n_head_kv > TIDE_MAX_GROUP || s->head_dim < 1 ||
-        s->kv_stride < (int64_t)s->n_head_kv * s->head_dim)
+        s->kv_stride < (int64_t)s->n_head_kv * s->head_dim ||
+        (s->kv_type != TIDE_TYPE_F32 && s->kv_type != TIDE_TYPE_F16 &&
+         s->kv_type != TIDE_TYPE_BF16))
         return TIDE_ERR_ARG;
     if (s->n_q == 0)
         return TIDE_OK;
     if (!q || !out || (s->n_kv > 0 && (!k || !v)))
         return TIDE_ERR_ARG;
-    /* chunks: runs of <= ATTN_QB queries that never straddle an attention block */
+    const int32_t group = s->n_head / s->n_head_kv;
+    int nth = tide_pool_size(pool);
+    /* queries per item: as many as fit ATTN_MAXR rows (each K/V tile is then read once for all
+     * of them), fewer when that would leave threads idle. Which rows share an item never
+     * changes a row's result. */
+    int32_t qb = ATTN_MAXR / group;
+    if (qb > ATTN_QB_MAX)
+        qb = ATTN_QB_MAX;
+    while (qb > ATTN_QB_MIN && (int64_t)((s->n_q + qb - 1) / qb) * s->n_head_kv < 2 * nth)
+        qb /= 2;
+    /* chunks: runs of <= qb queries that never straddle an attention block */
     int32_t *q0s = malloc(((size_t)s->n_q + 1) * sizeof(int32_t));
     if (!q0s)
         return TIDE_ERR_NOMEM;
@@ -219,22 +194,23 @@ tide_status cpu_attention(tide_pool *pool, const tide_attn_shape *s, const float
     for (int32_t i = 0; i < s->n_q;) {
         q0s[nc++] = i;
         int64_t blk = (int64_t)(s->q_pos0 + i) / s->block_length;
-        int32_t end = i + ATTN_QB;
+        int32_t end = i + qb;
         while (i < end && i < s->n_q && (int64_t)(s->q_pos0 + i) / s->block_length == blk)
             i++;
     }
     q0s[nc] = s->n_q;
-    int nth = tide_pool_size(pool);
     if (nc * s->n_head_kv < 2)
         nth = 1; /* one item: run inline */
-    size_t per = (size_t)ATTN_QB * (size_t)(s->n_head / s->n_head_kv) *
-                 (size_t)(s->n_kv > 0 ? s->n_kv : 1);
+    /* per thread: scores [ATTN_MAXR][ATTN_T], a V tile [hd][ATTN_T], its products [rows][hd] */
+    size_t per = (size_t)ATTN_MAXR * ATTN_T + (size_t)s->head_dim * ATTN_T +
+                 (size_t)qb * (size_t)group * (size_t)s->head_dim;
     float *scratch = malloc((size_t)nth * per * sizeof(float));
     if (!scratch) {
         free(q0s);
         return TIDE_ERR_NOMEM;
     }
-    attn_job j = {tide_pool_features(pool), s, q, k, v, out, nc, q0s, scratch};
+    attn_job j = {tide_pool_features(pool), s, q, k, v, tide_row_bytes(s->kv_type, 1), out, nc,
+                  q0s, scratch, (int64_t)per};
     if (nth == 1)
         attn_thread(&j, 0, 1);
     else

@@ -86,9 +86,19 @@ static tide_status op_rope(tide_backend *be, float *x, int32_t n_tok, int64_t st
     return st == TIDE_OK ? st : be_fail(be, st, "rope");
 }
 static tide_status op_attention(tide_backend *be, const tide_attn_shape *s, const float *q,
-                                const float *k, const float *v, float *out) {
+                                const void *k, const void *v, float *out) {
     tide_status st = cpu_attention(be->pool, s, q, k, v, out);
     return st == TIDE_OK ? st : be_fail(be, st, "attention");
+}
+static tide_status op_convert(tide_backend *be, const float *x, int64_t n, int32_t type, void *y) {
+    tide_cpu_features f = tide_pool_features(be->pool);
+    switch (type) {
+    case TIDE_TYPE_F32: memmove(y, x, (size_t)n * sizeof(float)); return TIDE_OK;
+    case TIDE_TYPE_F16: cpu_f32_to_f16_row(&f, x, y, n); return TIDE_OK;
+    case TIDE_TYPE_BF16: cpu_f32_to_bf16_row(&f, x, y, n); return TIDE_OK;
+    }
+    return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG,
+                     "convert: type %d is not f32, f16 or bf16", (int)type);
 }
 static tide_status op_add(tide_backend *be, float *y, const float *x, int64_t n) {
     cpu_add(be->pool, y, x, n);
@@ -141,6 +151,7 @@ const tide_backend_ops_i tide_cpu_ops = {
     .rmsnorm = op_rmsnorm,
     .rope = op_rope,
     .attention = op_attention,
+    .convert = op_convert,
     .add = op_add,
     .silu_mul = op_silu_mul,
     .gather_rows = op_gather_rows,

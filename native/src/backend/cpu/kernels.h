@@ -91,12 +91,12 @@ tide_status cpu_rope(tide_pool *pool, float *x, int32_t n_tok, int64_t stride, i
                      int32_t head_dim, int32_t rope_dim, int32_t pos0, float theta);
 /* Block-causal GQA attention (tide_attn_shape in backend.h). Per (head, query): scores
  * s_j = dot(q, k_j) * (1/sqrtf(head_dim)) over the visible keys, f32 softmax (max-subtracted),
- * out = (sum_j e_j v_j) / sum_j e_j, keys in ascending order. Threads split (query, kv head)
- * pairs; the query heads of one kv head share each key load (a small matmul).
- * Scratch: n_threads * (n_head/n_head_kv) * n_kv floats, allocated per call. A query that sees
- * no key gets zeros. */
+ * out = (sum_j e_j v_j) / sum_j e_j, keys in ascending order, in tiles of 64 keys with an
+ * online softmax (attention.c). Threads split (query chunk, kv head) items; the query heads and
+ * queries of one item share each K/V load. Scratch: one tile of scores per row of an item per
+ * thread, allocated per call. A query that sees no key gets zeros. */
 tide_status cpu_attention(tide_pool *pool, const tide_attn_shape *s, const float *q,
-                          const float *k, const float *v, float *out);
+                          const void *k, const void *v, float *out);
 
 /* ---- elementwise (norm_rope.c) -------------------------------------------------------------- */
 void cpu_add(tide_pool *pool, float *y, const float *x, int64_t n);        /* y += x */

@@ -365,9 +365,12 @@ static tide_status be_rope(tide_backend *be, float *x, int32_t n_tok, int64_t st
                            int32_t head_dim, int32_t rope_dim, int32_t pos0, float theta) {
     TCU_OP(launch_rope(be, x, n_tok, stride, n_head, head_dim, rope_dim, pos0, theta));
 }
-static tide_status be_attention(tide_backend *be, const tide_attn_shape *s, const float *q, const float *k,
-                                const float *v, float *out) {
+static tide_status be_attention(tide_backend *be, const tide_attn_shape *s, const float *q, const void *k,
+                                const void *v, float *out) {
     TCU_OP(launch_attention(be, s, q, k, v, out));
+}
+static tide_status be_convert(tide_backend *be, const float *x, int64_t n, int32_t type, void *y) {
+    TCU_OP(launch_convert(be, x, n, type, y));
 }
 static tide_status be_add(tide_backend *be, float *y, const float *x, int64_t n) {
     TCU_OP(launch_add(be, y, x, n));
@@ -425,6 +428,7 @@ static const tide_backend_ops_i CUDA_OPS = {
     /* experts */ be_experts,
     /* moe_combine */ be_moe_combine,
     /* argmax_prob */ be_argmax_prob,
+    /* convert */ be_convert,
 };
 
 static void be_free(tide_backend *be) {

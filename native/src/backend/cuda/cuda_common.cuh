@@ -121,7 +121,9 @@ tide_status launch_rmsnorm(tide_backend *be, const float *x, const float *weight
 tide_status launch_rope(tide_backend *be, float *x, int32_t n_tok, int64_t stride, int32_t n_head,
                         int32_t head_dim, int32_t rope_dim, int32_t pos0, float theta);
 tide_status launch_attention(tide_backend *be, const tide_attn_shape *s, const float *q,
-                             const float *k, const float *v, float *out);
+                             const void *k, const void *v, float *out);
+/* y = x stored as f32, f16 or bf16 (the KV cache's store; attention.cu) */
+tide_status launch_convert(tide_backend *be, const float *x, int64_t n, int32_t type, void *y);
 tide_status launch_add(tide_backend *be, float *y, const float *x, int64_t n);
 tide_status launch_silu_mul(tide_backend *be, float *g, const float *u, int64_t n);
 tide_status launch_gather_rows(tide_backend *be, float *dst, const float *src, const int32_t *rows,
