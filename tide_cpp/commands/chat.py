@@ -22,7 +22,7 @@ def add_parser(subparsers):
         description="Chat with a model: multi-turn through its chat template, replies streamed "
                     "block by block. /reset forgets the conversation, /exit or Ctrl-D leaves, "
                     "Ctrl-C stops the reply in progress.")
-    _options.add_model_options(p)
+    _options.add_prompt_cache_option(_options.add_model_options(p))
     _options.add_residency_options(p)
     g = p.add_argument_group("chat")
     _options.add_system_option(g, "system message that opens the conversation")

@@ -20,7 +20,7 @@ def add_parser(subparsers):
                     "print the statistics (tokens/s, tokens per forward, expert traffic).",
         epilog="example: tide-cli generate -m models/tide-demo.gguf --chat -p 'What is 37 plus "
                "48?' --policy tide --gpu-experts 4")
-    _options.add_model_options(p)
+    _options.add_prompt_cache_option(_options.add_model_options(p))
     _options.add_residency_options(p)
     g = _options.add_prompt_options(p, many=False)
     _options.add_system_option(g, "with --chat: a system message before the prompt")
