@@ -39,7 +39,7 @@ def run(args):
     n_layer, n_ctx = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.context_length")
     if n_kv and hd and n_layer and n_ctx:
         per = 2 * n_layer * n_kv * hd * 4  # keys and values of every layer, f32
-        print(f"KV cache: {_size(per)} a token, {_size(per * n_ctx)} at the model's context of "
+        print(f"KV cache: {fmt_bytes(per)} a token, {fmt_bytes(per * n_ctx)} at the model's context of "
               f"{n_ctx} tokens (f32; half with --cache-type f16 or bf16)")
     tokens = meta.get("tokenizer.ggml.tokens") or []
     print(f"tokenizer: {meta.get('tokenizer.ggml.model', '?')}, {len(tokens)} tokens")
