@@ -6,6 +6,7 @@
  * canonical order of cpu_internal.h, so tiling never changes a bit.
  */
 #include "backend/cpu/cpu_internal.h"
+#include "backend/cpu/decode_simd.h"
 
 #include <stdlib.h>
 
@@ -35,13 +36,9 @@ static inline int w_chunk_scalar(int32_t type, const char *row, int64_t cols, in
         for (int l = 0; l < n; l++)
             w[l] = tide_bf16_to_f32(((const uint16_t *)row)[i0 + l]);
         break;
-    case TIDE_TYPE_Q8_0: {
-        const tide_block_q8_0 *b = (const tide_block_q8_0 *)row + (i0 >> 5);
-        float d = tide_f16_to_f32(b->d);
-        for (int l = 0; l < n; l++)
-            w[l] = d * (float)b->qs[(i0 & 31) + l];
+    default:
+        cpu_block_values(type, row, i0, n, w);
         break;
-    }
     }
     return n;
 }
@@ -125,7 +122,29 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         for (int t = 0; t < T; t++)
             acc[r][t] = _mm256_setzero_ps();
     int64_t nc = cols / 8;
-    if (type == TIDE_TYPE_Q8_0) {
+    const int QB = dec_block_elems(type);
+    if (QB) {
+        /* q4_0 / k-quants: each row's block decoded once into L1 (blocks.h's exact values),
+         * then the canonical 8-lane chunks over it; rows are whole blocks, so no tail */
+        const size_t BB = dec_block_bytes(type);
+        float wbuf[4][256] __attribute__((aligned(32)));
+        for (int64_t blk = 0; blk < cols / QB; blk++) {
+            for (int r = 0; r < R; r++) {
+                const uint8_t *bp = (const uint8_t *)row + r * rb + blk * BB;
+                _mm_prefetch((const char *)bp + 4 * BB, _MM_HINT_T0);
+                dec_block_avx2(type, bp, wbuf[r]);
+            }
+            for (int c = 0; c < QB / 8; c++) {
+                int64_t col = blk * QB + c * 8;
+                for (int t = 0; t < T; t++) {
+                    __m256 xv = _mm256_loadu_ps(xs[t] + col);
+                    for (int r = 0; r < R; r++)
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_load_ps(wbuf[r] + c * 8), xv, acc[r][t]);
+                }
+            }
+        }
+        nc = 0;
+    } else if (type == TIDE_TYPE_Q8_0) {
         /* block by block: the scale is converted once per block; the same chunk order and the
          * same w = d * q as w_chunk_avx2, so the bits are those of the chunk loop */
         for (int64_t blk = 0; blk < nc / 4; blk++) {
@@ -163,7 +182,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
                 acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
         }
     }
-    if (type == TIDE_TYPE_Q8_0)
+    if (type == TIDE_TYPE_Q8_0 || QB)
         nc = cols / 8;
     int tail = (int)(cols - nc * 8);
     if (tail) {
@@ -253,6 +272,22 @@ TIDE_AVX2 static void matmul_block_bf16(const cpu_wview *w, int64_t r0, int64_t 
                                         const cpu_tokens *ts, int32_t t0, int32_t t1) {
     matmul_block_avx2(TIDE_TYPE_BF16, w, r0, r1, ts, t0, t1);
 }
+TIDE_AVX2 static void matmul_block_q4_0(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_Q4_0, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX2 static void matmul_block_q4_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_Q4_K, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX2 static void matmul_block_q5_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_Q5_K, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX2 static void matmul_block_q6_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_Q6_K, w, r0, r1, ts, t0, t1);
+}
 TIDE_AVX2 static void matmul_block_q8_0(const cpu_wview *w, int64_t r0, int64_t r1,
                                         const cpu_tokens *ts, int32_t t0, int32_t t1) {
     matmul_block_avx2(TIDE_TYPE_Q8_0, w, r0, r1, ts, t0, t1);
@@ -304,7 +339,27 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
         for (int t = 0; t < T; t++)
             acc[r][t] = _mm512_setzero_ps();
     int64_t nc = cols / 16;
-    if (type == TIDE_TYPE_Q8_0) {
+    const int QB = dec_block_elems(type);
+    if (QB) {
+        /* as the AVX2 tile: decode each row's block once, then 16-lane chunks over it */
+        const size_t BB = dec_block_bytes(type);
+        float wbuf[4][256] __attribute__((aligned(64)));
+        for (int64_t blk = 0; blk < cols / QB; blk++) {
+            for (int r = 0; r < R; r++) {
+                const uint8_t *bp = (const uint8_t *)row + r * rb + blk * BB;
+                _mm_prefetch((const char *)bp + 4 * BB, _MM_HINT_T0);
+                dec_block_avx2(type, bp, wbuf[r]);
+            }
+            for (int c = 0; c < QB / 16; c++) {
+                int64_t col = blk * QB + c * 16;
+                for (int t = 0; t < T; t++) {
+                    __m512 xv = _mm512_loadu_ps(xs[t] + col);
+                    for (int r = 0; r < R; r++)
+                        acc[r][t] = _mm512_fmadd_ps(_mm512_load_ps(wbuf[r] + c * 16), xv, acc[r][t]);
+                }
+            }
+        }
+    } else if (type == TIDE_TYPE_Q8_0) {
         for (int64_t blk = 0; blk < nc / 2; blk++) {
             __m512 d[4];
             const tide_block_q8_0 *bp[4];
@@ -382,6 +437,22 @@ TIDE_AVX512 static void matmul_block512_bf16(const cpu_wview *w, int64_t r0, int
                                              const cpu_tokens *ts, int32_t t0, int32_t t1) {
     matmul_block_avx512(TIDE_TYPE_BF16, w, r0, r1, ts, t0, t1);
 }
+TIDE_AVX512 static void matmul_block512_q4_0(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_Q4_0, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX512 static void matmul_block512_q4_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_Q4_K, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX512 static void matmul_block512_q5_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_Q5_K, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX512 static void matmul_block512_q6_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_Q6_K, w, r0, r1, ts, t0, t1);
+}
 TIDE_AVX512 static void matmul_block512_q8_0(const cpu_wview *w, int64_t r0, int64_t r1,
                                              const cpu_tokens *ts, int32_t t0, int32_t t1) {
     matmul_block_avx512(TIDE_TYPE_Q8_0, w, r0, r1, ts, t0, t1);
@@ -441,6 +512,10 @@ void cpu_matmul_view_rows(const tide_cpu_features *f, const cpu_wview *w, int64_
             case TIDE_TYPE_F16: matmul_block512_f16(w, r0, r1, ts, t0, t1); break;
             case TIDE_TYPE_BF16: matmul_block512_bf16(w, r0, r1, ts, t0, t1); break;
             case TIDE_TYPE_Q8_0: matmul_block512_q8_0(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q4_0: matmul_block512_q4_0(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q4_K: matmul_block512_q4_k(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q5_K: matmul_block512_q5_k(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q6_K: matmul_block512_q6_k(w, r0, r1, ts, t0, t1); break;
             }
             continue;
         }
@@ -450,6 +525,10 @@ void cpu_matmul_view_rows(const tide_cpu_features *f, const cpu_wview *w, int64_
             case TIDE_TYPE_F16: matmul_block_f16(w, r0, r1, ts, t0, t1); break;
             case TIDE_TYPE_BF16: matmul_block_bf16(w, r0, r1, ts, t0, t1); break;
             case TIDE_TYPE_Q8_0: matmul_block_q8_0(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q4_0: matmul_block_q4_0(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q4_K: matmul_block_q4_k(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q5_K: matmul_block_q5_k(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q6_K: matmul_block_q6_k(w, r0, r1, ts, t0, t1); break;
             }
             continue;
         }
