@@ -6,7 +6,7 @@ import sys
 
 # name -> module under tide_cpp.commands; each has add_parser(subparsers) and run(args) -> int.
 COMMANDS = [
-    "convert", "info", "generate", "chat", "bench", "profile", "trace_stats", "calibrate", "plan",
+    "convert", "quantize", "info", "generate", "chat", "bench", "profile", "trace_stats", "calibrate", "plan",
 ]
 
 
