@@ -292,8 +292,8 @@ static tide_status bind_moe(binder *b, const tide_hparams *hp, int32_t il, tide_
     return TIDE_OK;
 }
 
-/* The routed experts of MoE layer il: gate, up and down may differ in type (a quantization mix
- * keeps ffn_down finer), but each of the three has one type for every expert of every layer
+/* The routed experts of MoE layer il: down may differ in type from gate and up (a quantization
+ * mix keeps ffn_down finer), but each of the three has one type for every expert of every layer
  * (expert_type[3], -1 until the first), so all experts have the same bytes (*expert_bytes: one
  * slot size for the residency); and the host range that holds them all. */
 static tide_status bind_experts(binder *b, tide_model *m, int32_t il, int32_t *expert_type,
@@ -312,6 +312,11 @@ static tide_status bind_experts(binder *b, tide_model *m, int32_t il, int32_t *e
         TRY(find(b, H, fe, 0, &ts[0], "blk.%d.ffn_gate.%lld.weight", il, (long long)e));
         TRY(find(b, H, fe, 0, &ts[1], "blk.%d.ffn_up.%lld.weight", il, (long long)e));
         TRY(find(b, fe, H, 0, &ts[2], "blk.%d.ffn_down.%lld.weight", il, (long long)e));
+        if (ts[1]->type != ts[0]->type)
+            return tide_errf(b->err, b->err_len, TIDE_ERR_MODEL,
+                             "tensor '%s': type %s, but its expert's ffn_gate is %s (gate and up "
+                             "of an expert must have one type)", ts[1]->name,
+                             type_name(ts[1]->type), type_name(ts[0]->type));
         for (int k = 0; k < 3; k++) {
             if (expert_type[k] < 0) expert_type[k] = ts[k]->type;
             if (ts[k]->type != expert_type[k])
