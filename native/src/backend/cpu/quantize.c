@@ -4,8 +4,8 @@
  * quantizer takes without an importance matrix), written here operation for operation in f32 with
  * no contraction and no reassociation, so the bytes are the same as ggml's: the same quality by
  * construction, and a file quantized here or by llama-quantize is the same file. Rounding to the
- * nearest integer is round-half-even (lrintf in the default rounding mode, as ggml's magic-number
- * trick), f16 scales are tide_f32_to_f16 (round to nearest even).
+ * nearest integer is round-half-even (the magic-number addition, as ggml rounds), f16 scales
+ * are tide_f32_to_f16 (round to nearest even).
  *
  * Threads split rows (tide_pool_for); a row's bytes never depend on the thread count.
  */
@@ -18,7 +18,14 @@
 
 #define EPS_ALL_ZERO 1e-15f /* a group whose largest |x| is below this is all zeros */
 
-static inline int round_int(float v) { return (int)lrintf(v); }
+/* Round to nearest, ties to even, for |v| < 2^22: adding 1.5 * 2^23 leaves the rounded integer
+ * in the low mantissa bits (the FPU rounds the addition); no libm call, as fast as a cast. */
+static inline int round_int(float v) {
+    float t = v + 12582912.f;
+    int32_t i;
+    memcpy(&i, &t, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
 static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 /* ---- q4_0 ------------------------------------------------------------------------------------ */
