@@ -418,6 +418,39 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
                         break;
                 }
             }
+        } else if (type == TIDE_TYPE_Q6_K) {
+            /* 32 quants per row at a time with 256-bit byte ops, then two 16-value chunks */
+            float D[4][16], M[4][16];
+            for (int64_t blk = 0; blk < cols / QB; blk++) {
+                const uint8_t *bp[4];
+                for (int r = 0; r < R; r++) {
+                    bp[r] = (const uint8_t *)row + r * rb + blk * BB;
+                    _mm_prefetch((const char *)bp[r] + 4 * BB, _MM_HINT_T0);
+                    _mm_prefetch((const char *)bp[r] + 4 * BB + 64, _MM_HINT_T0);
+                    _mm_prefetch((const char *)bp[r] + 4 * BB + 128, _MM_HINT_T0);
+                    _mm_prefetch((const char *)bp[r] + 4 * BB + 192, _MM_HINT_T0);
+                    block_scales_avx2(type, bp[r], D[r], M[r]);
+                }
+                for (int w0 = 0; w0 < QB; w0 += 32) {
+                    __m256i q[4];
+                    for (int r = 0; r < R; r++)
+                        q[r] = dec_q6_k_quants32(bp[r], w0 >> 7, (w0 >> 5) & 3);
+                    for (int half = 0; half < 2; half++) {
+                        __m512 wv[4];
+                        for (int r = 0; r < R; r++) {
+                            __m128i qh = half ? _mm256_extracti128_si256(q[r], 1) : _mm256_castsi256_si128(q[r]);
+                            wv[r] = _mm512_mul_ps(_mm512_set1_ps(D[r][(w0 + 16 * half) >> 4]),
+                                                  _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(qh)));
+                        }
+                        int64_t col = blk * QB + w0 + 16 * half;
+                        for (int t = 0; t < T; t++) {
+                            __m512 xv = _mm512_loadu_ps(xs[t] + col);
+                            for (int r = 0; r < R; r++)
+                                acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                        }
+                    }
+                }
+            }
         } else {
             float D[4][16], M[4][16];
             for (int64_t blk = 0; blk < cols / QB; blk++) {
