@@ -9,6 +9,7 @@ against the ggml library, which is not a dependency of the project.
 """
 
 import os
+import struct
 import subprocess
 import sys
 
@@ -221,3 +222,49 @@ def test_fallback_reported(tiny_checkpoint, tmp_path, capsys):
     with Model(out, device="cpu", n_threads=2) as m:
         got = m.logits(ids, block_length=4)
     assert float(np.abs(got - want).max() / np.abs(want).max()) < TOL
+
+
+# ---- bad files --------------------------------------------------------------------------------
+
+
+def _tensor_info_at(data, name):
+    """(offset of ne[0], offset of the type) in the tensor info of `name`."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    p = bytes(data).index(key) + len(key)
+    n_dims = struct.unpack_from("<I", data, p)[0]
+    return p + 4, p + 4 + 8 * n_dims
+
+
+def _load_error(tmp_path, data):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(_lib.TideError) as ei:
+        Model(str(path))
+    return str(ei.value)
+
+
+def test_bad_quantized_tensors(kq_files, tmp_path):
+    good = open(kq_files["q4_k_m"], "rb").read()
+    name = "blk.2.ffn_gate.5.weight"
+    ne0, typ = _tensor_info_at(good, name)
+    # a row length that is not a whole number of q4_k blocks
+    d = bytearray(good)
+    struct.pack_into("<Q", d, ne0, 300)
+    msg = _load_error(tmp_path, d)
+    assert name in msg and "not a multiple" in msg and "q4_k" in msg, msg
+    # the wrong byte size for its shape: q4_k data declared q6_k (more bytes than are there)
+    d = bytearray(good)
+    struct.pack_into("<I", d, typ, int(QT.Q6_K))
+    msg = _load_error(tmp_path, d)
+    assert f"tensor '{name}'" in msg and "run into tensor 'blk.2.ffn_up.5.weight'" in msg, msg
+    # a type the build does not compute
+    d = bytearray(good)
+    struct.pack_into("<I", d, typ, int(QT.Q3_K))
+    msg = _load_error(tmp_path, d)
+    assert f"tensor '{name}'" in msg and "q3_k" in msg, msg
+    # one expert's down of another type than the others'
+    d = bytearray(good)
+    _, typ_d = _tensor_info_at(good, "blk.1.ffn_down.2.weight")
+    struct.pack_into("<I", d, typ_d, int(QT.Q4_K))  # 144 < 210 bytes per block: fits its range
+    msg = _load_error(tmp_path, d)
+    assert "blk.1.ffn_down.2.weight" in msg, msg
