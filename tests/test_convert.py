@@ -484,7 +484,7 @@ def test_failure_while_writing_leaves_nothing(ck, out_dir, monkeypatch, exc):
 
 
 def test_unknown_outtype(ck, out_dir):
-    _convert_fails(ck, out_dir, ["unknown outtype", "'q4_0'"], outtype="q4_0")
+    _convert_fails(ck, out_dir, ["unknown outtype", "'q2_k'"], outtype="q2_k")
 
 
 # ---- Hugging Face Hub sources (no network: snapshot_download is replaced) -----------------------

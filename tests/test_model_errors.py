@@ -102,11 +102,12 @@ def test_unknown_type(good, tmp_path):
 
 
 def test_unsupported_type(good, tmp_path):
-    """A valid ggml type the engine does not compute (q4_0)."""
+    """A valid ggml type the engine does not compute (q5_0)."""
     d = bytearray(good)
     _, typ, _ = tensor_fields(good, "output.weight")
-    struct.pack_into("<I", d, typ, 2)
-    load_bad(tmp_path, d, _lib.ERR_MODEL, "tensor 'output.weight': type q4_0 (2) is not supported")
+    struct.pack_into("<I", d, typ, 6)
+    load_bad(tmp_path, d, _lib.ERR_MODEL,
+             "tensor 'output.weight': type q5_0 (6) is not supported by this build")
 
 
 def test_missing_key(good, tmp_path):

@@ -19,7 +19,9 @@ STATUS_NAMES = {OK: "ok", ERR_IO: "io", ERR_FORMAT: "format", ERR_MODEL: "model"
 
 # tide_type
 TYPE_F32, TYPE_F16, TYPE_Q8_0, TYPE_BF16 = 0, 1, 8, 30
-TYPE_NAMES = {TYPE_F32: "f32", TYPE_F16: "f16", TYPE_Q8_0: "q8_0", TYPE_BF16: "bf16"}
+TYPE_Q4_0, TYPE_Q4_K, TYPE_Q5_K, TYPE_Q6_K = 2, 12, 13, 14
+TYPE_NAMES = {TYPE_F32: "f32", TYPE_F16: "f16", TYPE_Q8_0: "q8_0", TYPE_BF16: "bf16",
+              TYPE_Q4_0: "q4_0", TYPE_Q4_K: "q4_k", TYPE_Q5_K: "q5_k", TYPE_Q6_K: "q6_k"}
 # KV cache types (tide_context_params.cache_type)
 CACHE_TYPES = {"f32": TYPE_F32, "f16": TYPE_F16, "bf16": TYPE_BF16}
 # tide_device
@@ -157,6 +159,11 @@ def _declare(lib):
                                     POINTER(tide_residency_delta)], c_int),
         ("tide_residency_layer_stats", [_res_p, c_int32, POINTER(tide_layer_stats)], c_int),
         ("tide_residency_resident", [_res_p, c_int32, POINTER(c_uint8), c_size_t], c_int),
+        ("tide_type_row_bytes", [c_int32, c_int64], c_size_t),
+        ("tide_quantize", [c_int32, c_int32, c_void_p, c_int64, c_int64, c_void_p, c_size_t,
+                           c_int32, c_char_p, c_size_t], c_int),
+        ("tide_dequantize", [c_int32, c_void_p, c_int64, c_int64, POINTER(c_float), c_size_t,
+                             c_char_p, c_size_t], c_int),
     ]
     for name, args, res in d:
         f = getattr(lib, name)
@@ -208,3 +215,49 @@ def gguf_weight_bytes(path):
         return int(hp.expert_bytes), int(hp.nonexpert_bytes)
     finally:
         l.tide_model_free(mp)
+
+
+def type_row_bytes(type_id, cols):
+    """Bytes of one row of cols values of a tide_type; 0 when the engine cannot store it so."""
+    return int(lib().tide_type_row_bytes(int(type_id), int(cols)))
+
+
+def quantize(x, type_id, n_threads=0):
+    """A C-contiguous numpy array of rows (float32, float16, or uint16 holding bf16 bits; last
+    axis = row length) -> a uint8 array of the rows in tide_type type_id (ggml's layout, the
+    bytes of ggml's reference quantizer). Runs on the library's thread pool (n_threads <= 0:
+    every CPU) with the GIL released."""
+    import numpy as np
+    src_type = {np.dtype(np.float32): TYPE_F32, np.dtype(np.float16): TYPE_F16,
+                np.dtype(np.uint16): TYPE_BF16}.get(x.dtype)
+    if src_type is None:
+        raise TypeError(f"quantize: dtype {x.dtype}: float32, float16 or uint16 (bf16 bits)")
+    x = np.ascontiguousarray(x)
+    cols = int(x.shape[-1]) if x.ndim else 1
+    rows = int(x.size // cols) if cols else 0
+    rb = type_row_bytes(type_id, cols)
+    out = np.empty(rows * rb, dtype=np.uint8)
+    err = ctypes.create_string_buffer(512)
+    st = lib().tide_quantize(int(type_id), src_type, x.ctypes.data, rows, cols, out.ctypes.data,
+                             out.nbytes, int(n_threads), err, len(err))
+    check(st, lambda: f"quantize to {TYPE_NAMES.get(type_id, type_id)}: "
+                      f"{err.value.decode('utf-8', 'replace')}")
+    return out
+
+
+def dequantize(data, type_id, shape):
+    """The bytes of a tensor of tide_type type_id and numpy shape (rows..., cols) -> float32: the
+    weights the kernels multiply with."""
+    import numpy as np
+    data = np.ascontiguousarray(np.frombuffer(memoryview(data), dtype=np.uint8))
+    cols = int(shape[-1])
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    if data.nbytes != rows * type_row_bytes(type_id, cols):
+        raise ValueError(f"dequantize: {data.nbytes} bytes do not make {tuple(shape)} of "
+                         f"{TYPE_NAMES.get(type_id, type_id)}")
+    out = np.empty((rows, cols), dtype=np.float32)
+    err = ctypes.create_string_buffer(512)
+    st = lib().tide_dequantize(int(type_id), data.ctypes.data, rows, cols,
+                               out.ctypes.data_as(POINTER(c_float)), out.size, err, len(err))
+    check(st, lambda: err.value.decode("utf-8", "replace"))
+    return out.reshape(shape)

@@ -6,8 +6,8 @@ import sys
 
 # name -> module under tide_cpp.commands; each has add_parser(subparsers) and run(args) -> int.
 COMMANDS = [
-    "convert", "info", "generate", "chat", "bench", "popularity", "trace_stats", "calibrate", "plan",
-    "serve",
+    "convert", "quantize", "info", "generate", "chat", "bench", "popularity", "trace_stats",
+    "calibrate", "plan", "serve",
 ]
 
 

@@ -1,7 +1,8 @@
 """Write the seed corpus of the GGUF fuzzer (native/fuzz/seeds/) with the gguf package.
 
 Small, valid files that reach every part of the parser: every metadata type, string and
-numeric arrays, every tensor type the engine computes, two alignments, a file with no tensors.
+numeric arrays, every tensor type the engine computes (q4_0 and the k-quants in a file of their
+own, quantized by the native library), two alignments, a file with no tensors.
 Run: .venv/bin/python native/fuzz/make_seeds.py
 """
 import os
@@ -40,6 +41,15 @@ def tensors(w, rng):
     w.add_tensor("blk.1.ffn_up.0.weight", bf, raw_dtype=T.BF16)
 
 
+def quant_tensors(w, rng):
+    """One tensor of each block type the engine computes besides q8_0, bytes from tide_quantize."""
+    from tide_cpp import _lib
+    for qt, rows, cols in ((T.Q4_0, 3, 64), (T.Q4_K, 2, 256), (T.Q5_K, 1, 512), (T.Q6_K, 2, 256)):
+        x = rng.standard_normal((rows, cols)).astype(np.float32)
+        q = _lib.quantize(x, int(qt)).reshape(rows, -1)
+        w.add_tensor(f"blk.1.ffn_down.{int(qt)}.weight", q, raw_dtype=qt)
+
+
 def write(name, alignment, with_tensors):
     path = os.path.join(HERE, name)
     w = gguf.GGUFWriter(path, "llada2")
@@ -48,7 +58,7 @@ def write(name, alignment, with_tensors):
         w.add_custom_alignment(alignment)
     metadata(w)
     if with_tensors:
-        tensors(w, np.random.default_rng(0))
+        (quant_tensors if with_tensors == "quant" else tensors)(w, np.random.default_rng(0))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -61,3 +71,4 @@ if __name__ == "__main__":
     write("align32.gguf", 32, True)
     write("align64.gguf", 64, True)
     write("metadata_only.gguf", 32, False)
+    write("quant_types.gguf", 32, "quant")

@@ -41,7 +41,11 @@ typedef enum {
 typedef enum {
     TIDE_TYPE_F32 = 0,
     TIDE_TYPE_F16 = 1,
+    TIDE_TYPE_Q4_0 = 2,  /* ggml's block layouts, byte for byte (native/src/backend/blocks.h) */
     TIDE_TYPE_Q8_0 = 8,
+    TIDE_TYPE_Q4_K = 12,
+    TIDE_TYPE_Q5_K = 13,
+    TIDE_TYPE_Q6_K = 14,
     TIDE_TYPE_BF16 = 30,
 } tide_type;
 
@@ -74,7 +78,7 @@ typedef struct {
     int32_t expert_weights_norm;
     float expert_weights_scale, rms_eps, rope_theta;
     int32_t bos_id, eos_id, pad_id, mask_id;
-    int32_t expert_type;      /* tide_type of the routed experts */
+    int32_t expert_type;      /* tide_type of the routed experts' ffn_gate (up, down may differ) */
     uint64_t expert_bytes;    /* bytes of one routed expert (gate + up + down) */
     uint64_t nonexpert_bytes; /* bytes of every tensor that is not a routed expert */
 } tide_hparams;
@@ -267,6 +271,21 @@ TIDE_API tide_status tide_residency_layer_stats(const tide_residency *r, int32_t
 /* Resident experts of a layer now: out[n_expert] = 1 if resident. */
 TIDE_API tide_status tide_residency_resident(const tide_residency *r, int32_t layer,
                                              uint8_t *out, size_t n);
+
+/* ---- weight types and quantization --------------------------------------------------------- */
+/* Bytes of one row of `cols` values of `type`; 0 for a type the engine does not compute or a
+ * row that is not a whole number of its blocks (32 values for q8_0 / q4_0, 256 for k-quants). */
+TIDE_API size_t tide_type_row_bytes(int32_t type, int64_t cols);
+/* rows x cols values of src_type (f32, f16 or bf16, row-major) -> dst_type (any computable
+ * type) in ggml's layout: the same bytes as ggml's reference quantizer (llama.cpp without an
+ * importance matrix). dst holds dst_size >= rows * tide_type_row_bytes(dst_type, cols) bytes.
+ * Threads split rows (n_threads <= 0: every CPU); the bytes never depend on the thread count. */
+TIDE_API tide_status tide_quantize(int32_t dst_type, int32_t src_type, const void *src,
+                                   int64_t rows, int64_t cols, void *dst, size_t dst_size,
+                                   int32_t n_threads, char *err, size_t err_len);
+/* rows x cols values of any computable type -> f32: the weights the kernels multiply with. */
+TIDE_API tide_status tide_dequantize(int32_t type, const void *src, int64_t rows, int64_t cols,
+                                     float *dst, size_t dst_count, char *err, size_t err_len);
 
 #ifdef __cplusplus
 }

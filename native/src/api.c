@@ -4,6 +4,7 @@
  * moe/ (residency execution), residency.c (the policies). */
 #include "model.h"
 #include "moe/moe.h"
+#include "backend/cpu/kernels.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -470,4 +471,61 @@ tide_status tide_residency_resident(const tide_residency *r, int32_t layer, uint
     if (!r || !out || layer < 0 || layer >= r->n_layers || n != (size_t)r->n_expert)
         return TIDE_ERR_ARG;
     return residency_resident(r, layer, out, n);
+}
+
+/* ---- weight types and quantization ----------------------------------------------------------- */
+
+size_t tide_type_row_bytes(int32_t type, int64_t cols) { return tide_row_bytes(type, cols); }
+
+static tide_status check_rows(int32_t type, const char *what, int64_t rows, int64_t cols,
+                              char *err, size_t err_len) {
+    int64_t elems;
+    size_t bytes;
+    tide_type_block(type, &elems, &bytes);
+    if (elems == 0)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "%s: type %d is not one this build computes",
+                         what, type);
+    if (rows < 0 || cols < 1)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "%s: shape [%lld, %lld] is empty or negative",
+                         what, (long long)cols, (long long)rows);
+    if (cols % elems)
+        return tide_errf(err, err_len, TIDE_ERR_ARG,
+                         "%s: row length %lld is not a multiple of the type's block (%lld values)",
+                         what, (long long)cols, (long long)elems);
+    return TIDE_OK;
+}
+
+tide_status tide_quantize(int32_t dst_type, int32_t src_type, const void *src, int64_t rows,
+                          int64_t cols, void *dst, size_t dst_size, int32_t n_threads, char *err,
+                          size_t err_len) {
+    if (err && err_len) err[0] = 0;
+    if (src_type != TIDE_TYPE_F32 && src_type != TIDE_TYPE_F16 && src_type != TIDE_TYPE_BF16)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "source type %d: f32, f16 or bf16 expected",
+                         src_type);
+    TRY(check_rows(dst_type, "destination", rows, cols, err, err_len));
+    if (rows > 0 && (!src || !dst)) return tide_errf(err, err_len, TIDE_ERR_ARG, "src or dst is NULL");
+    if (dst_size / tide_row_bytes(dst_type, cols) < (uint64_t)rows)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "dst: %zu bytes, %lld rows need %llu", dst_size,
+                         (long long)rows, (unsigned long long)rows * tide_row_bytes(dst_type, cols));
+    tide_pool *pool = NULL;
+    if (tide_pool_new(n_threads, &pool) != TIDE_OK)
+        return tide_errf(err, err_len, TIDE_ERR_NOMEM, "cannot start %d threads", n_threads);
+    tide_status st = cpu_quantize(pool, dst_type, src_type, src, rows, cols, dst);
+    tide_pool_free(pool);
+    if (st != TIDE_OK) return tide_errf(err, err_len, st, "out of memory for a row of %lld values", (long long)cols);
+    return TIDE_OK;
+}
+
+tide_status tide_dequantize(int32_t type, const void *src, int64_t rows, int64_t cols, float *dst,
+                            size_t dst_count, char *err, size_t err_len) {
+    if (err && err_len) err[0] = 0;
+    TRY(check_rows(type, "source", rows, cols, err, err_len));
+    if (rows > 0 && (!src || !dst)) return tide_errf(err, err_len, TIDE_ERR_ARG, "src or dst is NULL");
+    if (dst_count / (uint64_t)cols < (uint64_t)rows)
+        return tide_errf(err, err_len, TIDE_ERR_ARG, "dst: %zu floats, %lld rows need %lld",
+                         dst_count, (long long)rows, (long long)(rows * cols));
+    size_t rb = tide_row_bytes(type, cols);
+    for (int64_t r = 0; r < rows; r++)
+        cpu_dequantize_row(type, (const char *)src + (size_t)r * rb, cols, dst + r * cols);
+    return TIDE_OK;
 }

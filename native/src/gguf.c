@@ -458,6 +458,43 @@ static tide_status gguf_parse_tensor(gguf_file *f, gguf_reader *r, int64_t i, ch
     return TIDE_OK;
 }
 
+typedef struct {
+    uint64_t offset;
+    int64_t index;
+} gguf_span;
+
+static int gguf_span_cmp(const void *a, const void *b) {
+    const gguf_span *x = a, *y = b;
+    if (x->offset != y->offset) return x->offset < y->offset ? -1 : 1;
+    return x->index < y->index ? -1 : x->index > y->index;
+}
+
+/* No two tensors' data may share bytes: a tensor whose type or shape claims more bytes than its
+ * writer gave it runs into the next one (e.g. q4_k data declared q6_k), which the file's size
+ * alone cannot show. */
+static tide_status gguf_check_overlaps(gguf_file *f, char *err, size_t err_len) {
+    if (f->n_tensors < 2) return TIDE_OK;
+    gguf_span *s = malloc((size_t)f->n_tensors * sizeof *s);
+    if (!s) return tide_errf(err, err_len, TIDE_ERR_NOMEM, "out of memory for %lld tensor spans",
+                             (long long)f->n_tensors);
+    for (int64_t i = 0; i < f->n_tensors; i++) s[i] = (gguf_span){f->tensors[i].offset, i};
+    qsort(s, (size_t)f->n_tensors, sizeof *s, gguf_span_cmp);
+    tide_status st = TIDE_OK;
+    for (int64_t k = 0; k + 1 < f->n_tensors; k++) {
+        const gguf_tensor_info *a = &f->tensors[s[k].index], *b = &f->tensors[s[k + 1].index];
+        if (a->nbytes > b->offset - a->offset) {
+            st = tide_errf(err, err_len, TIDE_ERR_FORMAT,
+                           "tensor '%s': %llu bytes of %s [%lld, %lld] at offset %llu run into "
+                           "tensor '%s' at offset %llu: the type or shape does not match the data",
+                           a->name, (ull)a->nbytes, gguf_type_name(a->type), (long long)a->ne[0],
+                           (long long)a->ne[1], (ull)a->offset, b->name, (ull)b->offset);
+            break;
+        }
+    }
+    free(s);
+    return st;
+}
+
 /* Place every tensor's data once the data section's start is known. */
 static tide_status gguf_place_tensors(gguf_file *f, char *err, size_t err_len) {
     for (int64_t i = 0; i < f->n_tensors; i++) {
@@ -472,7 +509,7 @@ static tide_status gguf_place_tensors(gguf_file *f, char *err, size_t err_len) {
         t->file_offset = f->data_offset + t->offset;
         t->data = f->base + t->file_offset;
     }
-    return TIDE_OK;
+    return gguf_check_overlaps(f, err, err_len);
 }
 
 /* ---- the whole file ------------------------------------------------------------------------ */

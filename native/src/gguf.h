@@ -2,7 +2,8 @@
  *
  * gguf_open mmaps the file and checks everything before anything else trusts it: header, counts
  * against the file size, every string and array length, every value type, every tensor's name,
- * dims, type, alignment and data range, duplicate keys and tensor names. After a successful open
+ * dims, type, alignment and data range (inside the file, no two tensors sharing bytes), duplicate
+ * keys and tensor names. After a successful open
  * every accessor below is bounds-safe: pointers it returns lie inside the mapping, lengths are
  * exact. Failures return a tide_status (TIDE_ERR_IO: open/stat/mmap; TIDE_ERR_FORMAT: the bytes
  * are not a valid GGUF) and a message naming the cause in the caller's buffer; nothing aborts.

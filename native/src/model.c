@@ -252,13 +252,19 @@ static tide_status tensor(gguf_file *g, const char *name, int64_t ne0, int64_t n
         return tide_errf(err, err_len, TIDE_ERR_MODEL, "tensor '%s': type %s (%d), expected f32", name,
                     type_name(t->type), t->type);
     if (!is_vec) {
-        if (t->type != TIDE_TYPE_F32 && t->type != TIDE_TYPE_F16 && t->type != TIDE_TYPE_BF16 &&
-            t->type != TIDE_TYPE_Q8_0)
+        int64_t block_elems;
+        size_t block_bytes;
+        tide_type_block(t->type, &block_elems, &block_bytes);
+        if (block_elems == 0)
             return tide_errf(err, err_len, TIDE_ERR_MODEL,
-                        "tensor '%s': type %s (%d) is not supported (f32, f16, bf16, q8_0)", name,
-                        type_name(t->type), t->type);
+                        "tensor '%s': type %s (%d) is not supported by this build (f32, f16, bf16, "
+                        "q8_0, q4_0, q4_k, q5_k, q6_k)", name, type_name(t->type), t->type);
         size_t rb = tide_row_bytes(t->type, ne0);
-        if (rb == 0 || (uint64_t)rb * (uint64_t)want[1] * (uint64_t)want[2] != t->nbytes)
+        if (rb == 0)
+            return tide_errf(err, err_len, TIDE_ERR_MODEL,
+                        "tensor '%s': row length %lld is not a multiple of the %s block (%zu values)",
+                        name, (long long)ne0, type_name(t->type), gguf_block_size(t->type));
+        if ((uint64_t)rb * (uint64_t)want[1] * (uint64_t)want[2] != t->nbytes)
             return tide_errf(err, err_len, TIDE_ERR_MODEL,
                         "tensor '%s': %llu bytes do not make [%lld, %lld, %lld] of %s", name,
                         (unsigned long long)t->nbytes, (long long)ne0, (long long)want[1],
@@ -422,9 +428,11 @@ static tide_status expert_tensors(binder *b, const tide_hparams *hp, int32_t il,
     return TIDE_OK;
 }
 
-/* The routed experts of MoE layer il, as the same per-expert views whichever the layout: one type
- * for all of them (*expert_type, -1 until the first), the bytes of one (*expert_bytes), and the
- * host range that holds them all (the three merged tensors, or every expert tensor). */
+/* The routed experts of MoE layer il, as the same per-expert views whichever the layout. down may
+ * differ in type from gate and up (a quantization mix keeps ffn_down finer), but each of the three
+ * has one type for every expert of every layer (expert_type[3], -1 until the first), so all
+ * experts have the same bytes (*expert_bytes: one slot size for the residency); and the host range
+ * that holds them all (the three merged tensors, or every expert tensor). */
 static tide_status bind_experts(binder *b, tide_model *m, int32_t il, int32_t *expert_type,
                                 uint64_t *expert_bytes) {
     const tide_hparams *hp = &m->hp;
@@ -446,12 +454,20 @@ static tide_status bind_experts(binder *b, tide_model *m, int32_t il, int32_t *e
         const gguf_tensor_info *ts[3];
         tide_matrix mx[3];
         TRY(expert_tensors(b, hp, il, e, merged[0] ? merged : NULL, ts, mx));
-        if (*expert_type < 0) *expert_type = ts[0]->type;
+        if (ts[1]->type != ts[0]->type)
+            return tide_errf(b->err, b->err_len, TIDE_ERR_MODEL,
+                             "tensor '%s': type %s, but its expert's ffn_gate is %s (gate and up "
+                             "of an expert must have one type)", ts[1]->name,
+                             type_name(ts[1]->type), type_name(ts[0]->type));
         for (int k = 0; k < 3; k++) {
-            if (ts[k]->type != *expert_type)
+            if (expert_type[k] < 0) expert_type[k] = ts[k]->type;
+            if (ts[k]->type != expert_type[k])
                 return tide_errf(b->err, b->err_len, TIDE_ERR_MODEL,
-                                 "tensor '%s': type %s, but the routed experts are %s",
-                                 ts[k]->name, type_name(ts[k]->type), type_name(*expert_type));
+                                 "tensor '%s': type %s, but the other routed experts' %s are %s "
+                                 "(every expert must have the same bytes)",
+                                 ts[k]->name, type_name(ts[k]->type),
+                                 k == 0 ? "ffn_gate" : k == 1 ? "ffn_up" : "ffn_down",
+                                 type_name(expert_type[k]));
             const char *a = ts[k]->data, *z = a + ts[k]->nbytes;
             if (!lo || a < lo) lo = a;
             if (!hi || z > hi) hi = z;
@@ -487,7 +503,7 @@ static tide_status bind_weights(tide_model *m, char *err, size_t err_len) {
     MATRIX(m->w.token_embd, H, V, 0, "token_embd.weight");
     VECTOR(m->w.output_norm, H, "output_norm.weight");
     MATRIX(m->w.output, H, V, 0, "output.weight");
-    int32_t expert_type = -1;
+    int32_t expert_type[3] = {-1, -1, -1};
     uint64_t expert_bytes = 0;
     for (int32_t il = 0; il < hp->n_layer; il++) {
         tide_layer_weights *L = &m->w.layers[il];
@@ -496,10 +512,10 @@ static tide_status bind_weights(tide_model *m, char *err, size_t err_len) {
             TRY(bind_dense(b, hp, il, L));
         } else {
             TRY(bind_moe(b, hp, il, L));
-            TRY(bind_experts(b, m, il, &expert_type, &expert_bytes));
+            TRY(bind_experts(b, m, il, expert_type, &expert_bytes));
         }
     }
-    hp->expert_type = expert_type < 0 ? TIDE_TYPE_F32 : expert_type;
+    hp->expert_type = expert_type[0] < 0 ? TIDE_TYPE_F32 : expert_type[0];
     hp->expert_bytes = expert_bytes;
     hp->nonexpert_bytes = b->nonexpert;
     return TIDE_OK;

@@ -102,6 +102,16 @@ static std::vector<uint8_t> encode(int type, int64_t rows, int64_t cols, const s
             memcpy(&out[i * 2], &h, 2);
             deq[i] = type == TIDE_TYPE_F16 ? from_f16(h) : from_bf16(h);
         }
+    } else if (type != TIDE_TYPE_Q8_0) { /* q4_0, k-quants: the core's quantizer and decoder */
+        size_t rb = tide_row_bytes(type, cols);
+        out.resize(rb * rows);
+        for (int64_t r = 0; r < rows; r++) {
+            if (cpu_quantize_row(type, &v[r * cols], cols, &out[r * rb]) != TIDE_OK) {
+                printf("FAIL quantizing %lld values to type %d\n", (long long)cols, type);
+                exit(1);
+            }
+            cpu_dequantize_row(type, &out[r * rb], cols, &deq[r * cols]);
+        }
     } else { /* q8_0 */
         size_t rb = (size_t)(cols / 32) * 34;
         out.resize(rb * rows);
@@ -127,7 +137,16 @@ static std::vector<uint8_t> encode(int type, int64_t rows, int64_t cols, const s
 }
 
 static const char *tname(int t) {
-    return t == TIDE_TYPE_F32 ? "f32" : t == TIDE_TYPE_F16 ? "f16" : t == TIDE_TYPE_BF16 ? "bf16" : "q8_0";
+    switch (t) {
+    case TIDE_TYPE_F32: return "f32";
+    case TIDE_TYPE_F16: return "f16";
+    case TIDE_TYPE_BF16: return "bf16";
+    case TIDE_TYPE_Q4_0: return "q4_0";
+    case TIDE_TYPE_Q4_K: return "q4_k";
+    case TIDE_TYPE_Q5_K: return "q5_k";
+    case TIDE_TYPE_Q6_K: return "q6_k";
+    default: return "q8_0";
+    }
 }
 
 static float *dev_floats(tide_backend *be, const std::vector<float> &h) {
@@ -184,7 +203,9 @@ static void test_matmul(tide_backend *be, int type, int64_t rows, int64_t cols, 
     be->buf->dealloc(be, yd);
 }
 
-static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_tok, int n_used, int n_expert) {
+static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_tok, int n_used, int n_expert,
+                         int type_d = -1) {
+    if (type_d < 0) type_d = type; /* down may be finer than gate/up (a quantization mix) */
     /* route each token to n_used distinct experts; jobs = experts with pairs, ascending id */
     std::vector<std::vector<std::pair<int, int>>> by_e(n_expert); /* (token, dest) */
     for (int t = 0; t < n_tok; t++) {
@@ -202,13 +223,13 @@ static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_to
         auto gw = rand_vec((size_t)n_ff * dim), uw = rand_vec((size_t)n_ff * dim), dw = rand_vec((size_t)dim * n_ff);
         auto ge = encode(type, n_ff, dim, gw, deq_g[e]);
         auto ue = encode(type, n_ff, dim, uw, deq_u[e]);
-        auto de = encode(type, dim, n_ff, dw, deq_d[e]);
+        auto de = encode(type_d, dim, n_ff, dw, deq_d[e]);
         if (by_e[e].empty()) continue;
         void *gd = dev_bytes(be, ge), *ud = dev_bytes(be, ue), *dd = dev_bytes(be, de);
         to_free.push_back(gd); to_free.push_back(ud); to_free.push_back(dd);
         G.push_back({type, n_ff, dim, ge.size(), gd});
         U.push_back({type, n_ff, dim, ue.size(), ud});
-        D.push_back({type, dim, n_ff, de.size(), dd});
+        D.push_back({type_d, dim, n_ff, de.size(), dd});
         for (auto &p : by_e[e]) { ptok.push_back(p.first); pdest.push_back(p.second); }
         pstart.push_back((int32_t)ptok.size());
         job_e.push_back(e);
@@ -242,7 +263,8 @@ static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_to
     }
     double scale, err = compare(o, ref, &scale);
     char name[128];
-    snprintf(name, sizeof name, "experts %s dim=%d ff=%d tok=%d used=%d E=%d", tname(type), dim, n_ff, n_tok, n_used,
+    snprintf(name, sizeof name, "experts %s%s%s dim=%d ff=%d tok=%d used=%d E=%d", tname(type),
+             type_d != type ? "/down " : "", type_d != type ? tname(type_d) : "", dim, n_ff, n_tok, n_used,
              n_expert);
     report(name, err, scale, 1e-5);
     for (void *p : to_free) be->buf->dealloc(be, p);
@@ -618,6 +640,7 @@ int main(int argc, char **argv) {
     }
     printf("backend %s%s\n", be->dev->name, quick ? " (quick)" : "");
     const int types[4] = {TIDE_TYPE_F32, TIDE_TYPE_F16, TIDE_TYPE_BF16, TIDE_TYPE_Q8_0};
+    const int block_types[4] = {TIDE_TYPE_Q4_0, TIDE_TYPE_Q4_K, TIDE_TYPE_Q5_K, TIDE_TYPE_Q6_K};
 #ifdef TIDE_CUDA_EMU
     const int big_rows = 300, big_cols = 512, tall_rows = 2000;
 #else
@@ -636,6 +659,19 @@ int main(int argc, char **argv) {
         test_experts(be, t, 64, 32, 3, 2, 4);
         test_experts(be, t, 128, 64, 6, 4, 9);
     }
+    for (int t : block_types) { /* rows of whole 256-value blocks */
+        if (!quick) {
+            test_matmul(be, t, big_rows, big_cols, 32, false);
+            test_experts(be, t, 512, 256, 32, 8, 40);
+        }
+        test_matmul(be, t, 37, 256, 1, false);
+        test_matmul(be, t, 21, 2048, 9, false);
+        test_matmul(be, t, 129, 512, 13, true);
+        test_experts(be, t, 256, 256, 3, 2, 4);
+    }
+    test_matmul(be, TIDE_TYPE_Q4_0, 9, 96, 5, false); /* q4_0: 32-value blocks */
+    test_experts(be, TIDE_TYPE_Q4_K, 256, 256, 6, 4, 9, TIDE_TYPE_Q6_K); /* the q4_k_m experts */
+    test_experts(be, TIDE_TYPE_Q5_K, 256, 512, 5, 2, 4, TIDE_TYPE_Q6_K);
     test_q8_0_partial_rows(be);
     test_rmsnorm(be, quick ? 4 : 32, 2048, false);
     test_rmsnorm(be, quick ? 16 : 512, 128, true);

@@ -42,12 +42,18 @@ static void *xmalloc(size_t n) {
     return p;
 }
 
-static const int32_t TYPES[4] = {TIDE_TYPE_F32, TIDE_TYPE_F16, TIDE_TYPE_BF16, TIDE_TYPE_Q8_0};
+#define N_TYPES 8
+static const int32_t TYPES[N_TYPES] = {TIDE_TYPE_F32, TIDE_TYPE_F16, TIDE_TYPE_BF16, TIDE_TYPE_Q8_0,
+                                       TIDE_TYPE_Q4_0, TIDE_TYPE_Q4_K, TIDE_TYPE_Q5_K, TIDE_TYPE_Q6_K};
 static const char *type_name(int32_t t) {
     switch (t) {
     case TIDE_TYPE_F32: return "f32";
     case TIDE_TYPE_F16: return "f16";
     case TIDE_TYPE_BF16: return "bf16";
+    case TIDE_TYPE_Q4_0: return "q4_0";
+    case TIDE_TYPE_Q4_K: return "q4_k";
+    case TIDE_TYPE_Q5_K: return "q5_k";
+    case TIDE_TYPE_Q6_K: return "q6_k";
     default: return "q8_0";
     }
 }
@@ -63,6 +69,43 @@ static double ref_bf16(uint16_t h) {
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+/* Independent decoders of ggml's block layouts (written from the layout, not from blocks.h):
+ * value i of the row, in double. */
+static double ref_h(const uint8_t *p) { return ref_f16((uint16_t)(p[0] | (p[1] << 8))); }
+static double ref_block_value(int32_t type, const uint8_t *row, int64_t i) {
+    if (type == TIDE_TYPE_Q4_0) {
+        const uint8_t *b = row + (i / 32) * 18;
+        int j = (int)(i % 32);
+        int q = j < 16 ? b[2 + j] % 16 : b[2 + j - 16] / 16;
+        return ref_h(b) * (q - 8);
+    }
+    int j = (int)(i % 256);
+    if (type == TIDE_TYPE_Q6_K) {
+        const uint8_t *b = row + (i / 256) * 210;
+        int half = j / 128, l = j % 32, quarter = (j % 128) / 32;
+        const uint8_t *ql = b + 64 * half, *qh = b + 128 + 32 * half;
+        const int8_t *sc = (const int8_t *)(b + 192) + 8 * half;
+        int lo = quarter == 0 ? ql[l] % 16 : quarter == 1 ? ql[l + 32] % 16 : quarter == 2 ? ql[l] / 16 : ql[l + 32] / 16;
+        int hi = (qh[l] / (1 << (2 * quarter))) % 4;
+        return ref_h(b + 208) * sc[l / 16 + 2 * quarter] * (lo + 16 * hi - 32);
+    }
+    int k5 = type == TIDE_TYPE_Q5_K;
+    const uint8_t *b = row + (i / 256) * (k5 ? 176 : 144);
+    const uint8_t *s = b + 4, *qs = b + (k5 ? 48 : 16);
+    int sub = j / 32, g = j / 64, l = j % 32;
+    int sc, m;
+    if (sub < 4) {
+        sc = s[sub] % 64;
+        m = s[sub + 4] % 64;
+    } else {
+        sc = s[sub + 4] % 16 + 16 * (s[sub - 4] / 64);
+        m = s[sub + 4] / 16 + 16 * (s[sub] / 64);
+    }
+    int q = sub % 2 == 0 ? qs[32 * g + l] % 16 : qs[32 * g + l] / 16;
+    if (k5) q += 16 * ((b[16 + l] >> sub) & 1);
+    return ref_h(b) * sc * q - ref_h(b + 2) * m;
 }
 
 /* A matrix of `type` made from random f32 values, plus its dequantized values in double. */
@@ -110,6 +153,14 @@ static void make_mat(test_mat *t, int32_t type, int64_t rows, int64_t cols, floa
                 const tide_block_q8_0 *b = (const tide_block_q8_0 *)row + i / 32;
                 d[i] = ref_f16(b->d) * b->qs[i % 32];
             }
+            break;
+        default:
+            if (cpu_quantize_row(type, src, cols, row) != TIDE_OK) {
+                fprintf(stderr, "quantize %s failed\n", type_name(type));
+                exit(2);
+            }
+            for (int64_t i = 0; i < cols; i++)
+                d[i] = ref_block_value(type, (const uint8_t *)row, i);
             break;
         }
         for (int64_t i = 0; i < cols; i++)
@@ -249,17 +300,20 @@ static void test_q8_0(void) {
     check(cpu_quantize_row_q8_0(x, 40, b) == TIDE_ERR_ARG, "q8_0 rejects cols % 32");
     check(tide_row_bytes(TIDE_TYPE_Q8_0, 64) == 68 && tide_row_bytes(TIDE_TYPE_BF16, 7) == 14 &&
               tide_row_bytes(TIDE_TYPE_F32, 3) == 12 && tide_row_bytes(TIDE_TYPE_Q8_0, 33) == 0 &&
-              tide_row_bytes(99, 32) == 0,
+              tide_row_bytes(99, 32) == 0 && tide_row_bytes(TIDE_TYPE_Q4_0, 64) == 36 &&
+              tide_row_bytes(TIDE_TYPE_Q4_K, 512) == 288 && tide_row_bytes(TIDE_TYPE_Q5_K, 256) == 176 &&
+              tide_row_bytes(TIDE_TYPE_Q6_K, 256) == 210 && tide_row_bytes(TIDE_TYPE_Q4_K, 288) == 0 &&
+              tide_row_bytes(TIDE_TYPE_Q4_0, 48) == 0,
           "tide_row_bytes");
     /* get_rows dequantizes any type */
-    for (int ti = 0; ti < 4; ti++) {
+    for (int ti = 0; ti < N_TYPES; ti++) {
         test_mat t;
-        make_mat(&t, TYPES[ti], 9, 64, 1.0f);
+        make_mat(&t, TYPES[ti], 9, 256, 1.0f);
         int32_t rows[3] = {8, 0, 3};
-        float out[3 * 64];
+        float out[3 * 256];
         int same = cpu_get_rows(P2, &t.m, rows, 3, out) == TIDE_OK;
         for (int i = 0; i < 3; i++)
-            same &= memcmp(out + i * 64, t.deqf + rows[i] * 64, 64 * sizeof(float)) == 0;
+            same &= memcmp(out + i * 256, t.deqf + rows[i] * 256, 256 * sizeof(float)) == 0;
         int32_t badrow = 9;
         same &= cpu_get_rows(P2, &t.m, &badrow, 1, out) == TIDE_ERR_ARG;
         char what[64];
@@ -273,11 +327,11 @@ static void test_matmul(void) {
     const int64_t shapes[][2] = {{37, 64}, {16, 203}, {9, 35}, {64, 256}, {5, 1}, {130, 2048}};
     const int32_t ns[] = {1, 2, 3, 4, 5, 8, 33};
     tide_pool *pools[6] = {NULL, P2, P3, S1, S2, A2};
-    for (int ti = 0; ti < 4; ti++) {
+    for (int ti = 0; ti < N_TYPES; ti++) {
         for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
             int64_t rows = shapes[si][0], cols = shapes[si][1];
-            if (TYPES[ti] == TIDE_TYPE_Q8_0 && cols % 32)
-                continue;
+            if (tide_row_bytes(TYPES[ti], cols) == 0)
+                continue; /* not whole blocks */
             test_mat t;
             make_mat(&t, TYPES[ti], rows, cols, 1.0f);
             test_mat tf = t; /* the dequantized matrix as f32 */

@@ -1,4 +1,4 @@
-"""tide-cli convert SRC -o OUT.gguf --outtype f32|f16|bf16|q8_0: HF checkpoint to GGUF."""
+"""tide-cli convert SRC -o OUT.gguf --outtype f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k: HF checkpoint to GGUF."""
 
 from tide_cpp.convert.cli import add_arguments, run_args
 

@@ -4,7 +4,7 @@ only, so that building tide-cli's parser does not load numpy or gguf."""
 import os
 import sys
 
-OUTTYPE_NAMES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPE_NAMES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 
 
 def add_arguments(p):
@@ -13,11 +13,13 @@ def add_arguments(p):
                    help="output file (default: <name>-<outtype>.gguf in the current folder)")
     p.add_argument("--outtype", choices=OUTTYPE_NAMES, default="bf16",
                    help="storage of the weight matrices (default bf16; norms, router and "
-                        "expert bias stay f32)")
+                        "expert bias stay f32); q4_0, q4_k_m, q5_k_m and q6_k are llama.cpp-style "
+                        "mixes, see docs/QUANTIZATION.md")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id")
     p.add_argument("--name", help="general.name (default: the folder or repo name)")
     p.add_argument("--threads", type=int, default=None,
-                   help="threads reading and encoding tensors (default: up to 4)")
+                   help="threads reading and encoding tensors (default: up to 4; with a "
+                        "quantized outtype, the quantizer's threads, default all CPUs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 

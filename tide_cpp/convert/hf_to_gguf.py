@@ -22,7 +22,7 @@ from gguf import GGUFValueType, GGUFWriter
 
 from .errors import ConvertError
 from .hparams import hparams, unused_fields
-from .quant import FILE_TYPES, OUTTYPES, encode, nbytes, storage_type
+from .quant import FILE_TYPES, NATIVE, OUTTYPES, encode, nbytes, report_fallbacks, storage
 from .safetensors_reader import read_rows, rows_of
 from .source import load_checkpoint, load_tensors
 from .tensor_map import bind, plan, split_merged_experts
@@ -142,13 +142,14 @@ def _slices(entries, types, sizes, refs, files):
             yield e, ref, qt, size, fd, r0, r1, r0 == 0, r1 == rows
 
 
-def _encode_slice(ref, qt, fd, r0, r1):
-    return np.ascontiguousarray(encode(read_rows(ref, fd, r0, r1), ref.dtype, qt))
+def _encode_slice(ref, qt, fd, r0, r1, native_threads):
+    return np.ascontiguousarray(encode(read_rows(ref, fd, r0, r1), ref.dtype, qt, native_threads))
 
 
-def _write_data(fout, slices, progress, n_threads):
-    """Read and encode slices on n_threads threads (numpy and pread release the GIL), write
-    them in order; at most 2 * n_threads slices in flight, so memory stays bounded."""
+def _write_data(fout, slices, progress, n_threads, native_threads=1):
+    """Read and encode slices on n_threads threads (numpy, pread and the native quantizer
+    release the GIL), write them in order; at most 2 * n_threads slices in flight, so memory
+    stays bounded. native_threads: the native quantizer's pool size per slice."""
     pending = deque()
     start = 0  # file offset of the current tensor's data
 
@@ -170,7 +171,8 @@ def _write_data(fout, slices, progress, n_threads):
     with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="convert") as pool:
         try:
             for s in slices:
-                pending.append((s, pool.submit(_encode_slice, s[1], s[2], s[4], s[5], s[6])))
+                pending.append((s, pool.submit(_encode_slice, s[1], s[2], s[4], s[5], s[6],
+                                               native_threads)))
                 while len(pending) >= 2 * n_threads:
                     write_next()
             while pending:
@@ -184,8 +186,10 @@ def _write_data(fout, slices, progress, n_threads):
 def convert(src, out, outtype="bf16", progress=True, revision=None, name=None, threads=None):
     """Convert the checkpoint src (folder or Hub repo id) to the GGUF file out.
 
-    outtype: f32, f16, bf16 or q8_0 for the matrices (norms, router, expert bias stay f32).
-    threads: encoding threads (default: up to 4, as many as there are CPUs).
+    outtype: f32, f16, bf16, q8_0, or a quantized mix q4_0, q4_k_m, q5_k_m, q6_k
+    (docs/QUANTIZATION.md) for the matrices (norms, router, expert bias stay f32).
+    threads: encoding threads (default: up to 4, as many as there are CPUs); with a quantized
+    mix, the native quantizer's thread pool (default: every CPU), fed by two reader threads.
     Returns a dict: path, n_tensors, bytes (tensor data), seconds. Raises ConvertError."""
     if outtype not in OUTTYPES:
         raise ConvertError(f"unknown outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
@@ -213,7 +217,9 @@ def convert(src, out, outtype="bf16", progress=True, revision=None, name=None, t
         print(f"convert: note: {len(unused)} checkpoint tensor(s) not used, e.g. {unused[0]}",
               file=sys.stderr)
 
-    types = [storage_type(e, outtype) for e in entries]
+    planned = [storage(e, outtype, hp["block_count"][0]) for e in entries]
+    types = [qt for qt, _ in planned]
+    report_fallbacks([e.gguf for e in entries], [n for _, n in planned], "convert", sys.stderr)
     sizes = [nbytes(e.hf_shape, qt) for e, qt in zip(entries, types)]
     total = sum(pad_to_alignment(s) for s in sizes)
     try:
@@ -233,7 +239,13 @@ def convert(src, out, outtype="bf16", progress=True, revision=None, name=None, t
     writer = None
     files = _Files()
     bar = None
-    n_threads = max(1, int(threads or min(4, os.cpu_count() or 1)))
+    if any(qt in NATIVE for qt in types):
+        # the native pool does the work; two readers keep it fed while the writer writes
+        native_threads = max(1, int(threads or os.cpu_count() or 1))
+        n_threads = 2
+    else:
+        native_threads = 1
+        n_threads = max(1, int(threads or min(4, os.cpu_count() or 1)))
     try:
         writer = GGUFWriter(None, ARCH)
         add_metadata(writer, name or ckpt.name, outtype, hp, tok)
@@ -244,7 +256,8 @@ def convert(src, out, outtype="bf16", progress=True, revision=None, name=None, t
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         bar = _Progress(sum(sizes), len(entries), progress)
-        _write_data(writer.fout[0], _slices(entries, types, sizes, refs, files), bar, n_threads)
+        _write_data(writer.fout[0], _slices(entries, types, sizes, refs, files), bar, n_threads,
+                    native_threads)
         writer.close()
         bar.close()
         bar = None

@@ -47,19 +47,31 @@ typedef struct {
 #define TIDE_QK8_0 32
 #define TIDE_Q8_0_BLOCK_BYTES 34
 
-/* The one row-size rule, for the C kernels, the CUDA kernels and the model loader: bytes of one
- * row of `cols` values of `type`; 0 for an unknown type, negative cols, or a q8_0 row that is
- * not a whole number of blocks (such a row has no valid layout). */
-static inline size_t tide_row_bytes(int32_t type, int64_t cols) {
-    if (cols < 0) return 0;
+/* Values per block and bytes per block of a weight type (1 and the element size for the plain
+ * types); 0, 0 for a type the engine does not compute. The quantized layouts: blocks.h. */
+static inline void tide_type_block(int32_t type, int64_t *elems, size_t *bytes) {
     switch (type) {
-    case TIDE_TYPE_F32: return (size_t)cols * 4;
+    case TIDE_TYPE_F32: *elems = 1; *bytes = 4; return;
     case TIDE_TYPE_F16:
-    case TIDE_TYPE_BF16: return (size_t)cols * 2;
-    case TIDE_TYPE_Q8_0:
-        return cols % TIDE_QK8_0 ? 0 : (size_t)(cols / TIDE_QK8_0) * TIDE_Q8_0_BLOCK_BYTES;
-    default: return 0;
+    case TIDE_TYPE_BF16: *elems = 1; *bytes = 2; return;
+    case TIDE_TYPE_Q8_0: *elems = TIDE_QK8_0; *bytes = TIDE_Q8_0_BLOCK_BYTES; return;
+    case TIDE_TYPE_Q4_0: *elems = 32; *bytes = 18; return;
+    case TIDE_TYPE_Q4_K: *elems = 256; *bytes = 144; return;
+    case TIDE_TYPE_Q5_K: *elems = 256; *bytes = 176; return;
+    case TIDE_TYPE_Q6_K: *elems = 256; *bytes = 210; return;
+    default: *elems = 0; *bytes = 0; return;
     }
+}
+
+/* The one row-size rule, for the C kernels, the CUDA kernels and the model loader: bytes of one
+ * row of `cols` values of `type`; 0 for an unknown type, negative cols, or a quantized row that
+ * is not a whole number of blocks (such a row has no valid layout). */
+static inline size_t tide_row_bytes(int32_t type, int64_t cols) {
+    int64_t elems;
+    size_t bytes;
+    tide_type_block(type, &elems, &bytes);
+    if (cols < 0 || elems == 0 || cols % elems) return 0;
+    return (size_t)(cols / elems) * bytes;
 }
 
 /* One MoE layer's work for one backend: a list of experts, each with the pairs routed to it.

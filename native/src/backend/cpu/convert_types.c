@@ -1,5 +1,6 @@
 /* convert_types.c: f16/bf16 <-> f32, q8_0 rows, row sizes, embedding lookup. */
 #include "backend/cpu/kernels.h"
+#include "backend/blocks.h"
 
 #include <math.h>
 #include <string.h>
@@ -12,8 +13,36 @@
 _Static_assert(sizeof(tide_block_q8_0) == TIDE_Q8_0_BLOCK_BYTES, "block_q8_0 must be 34 bytes as in ggml");
 
 int tide_type_valid(int32_t type) {
-    return type == TIDE_TYPE_F32 || type == TIDE_TYPE_F16 || type == TIDE_TYPE_BF16 ||
-           type == TIDE_TYPE_Q8_0;
+    int64_t elems;
+    size_t bytes;
+    tide_type_block(type, &elems, &bytes);
+    return elems > 0;
+}
+
+/* Values [i0, i0 + n) of a row of a block type, decoded by blocks.h's rule (scalar). */
+void cpu_block_values(int32_t type, const void *row, int64_t i0, int n, float *out) {
+    const uint8_t *r = row;
+    for (int l = 0; l < n; l++) {
+        int64_t i = i0 + l;
+        switch (type) {
+        case TIDE_TYPE_Q4_0:
+            out[l] = tide_q4_0_value(r + (i >> 5) * TIDE_Q4_0_BLOCK_BYTES, (int)(i & 31));
+            break;
+        case TIDE_TYPE_Q4_K:
+            out[l] = tide_q4_k_value(r + (i >> 8) * TIDE_Q4_K_BLOCK_BYTES, (int)(i & 255));
+            break;
+        case TIDE_TYPE_Q5_K:
+            out[l] = tide_q5_k_value(r + (i >> 8) * TIDE_Q5_K_BLOCK_BYTES, (int)(i & 255));
+            break;
+        case TIDE_TYPE_Q6_K:
+            out[l] = tide_q6_k_value(r + (i >> 8) * TIDE_Q6_K_BLOCK_BYTES, (int)(i & 255));
+            break;
+        default: {
+            const tide_block_q8_0 *b = (const tide_block_q8_0 *)row + (i >> 5);
+            out[l] = tide_f16_to_f32(b->d) * (float)b->qs[i & 31];
+        }
+        }
+    }
 }
 
 static inline uint32_t f32_bits(float f) {
@@ -164,15 +193,20 @@ static void row_to_f32(const tide_cpu_features *fp, int32_t type, const void *ro
     case TIDE_TYPE_F32: memcpy(out, row, (size_t)cols * 4); break;
     case TIDE_TYPE_F16: cpu_f16_to_f32_row(&f, row, out, cols); break;
     case TIDE_TYPE_BF16: cpu_bf16_to_f32_row(&f, row, out, cols); break;
-    case TIDE_TYPE_Q8_0: {
-        const tide_block_q8_0 *b = row;
-        for (int64_t i = 0; i < cols / TIDE_QK8_0; i++) {
-            float d = tide_f16_to_f32(b[i].d);
-            for (int j = 0; j < TIDE_QK8_0; j++)
-                out[i * TIDE_QK8_0 + j] = d * (float)b[i].qs[j];
-        }
-        break;
+    default: cpu_dequantize_row(type, row, cols, out); break;
     }
+}
+
+void cpu_dequantize_row(int32_t type, const void *row, int64_t cols, float *out) {
+    switch (type) {
+    case TIDE_TYPE_F32: memcpy(out, row, (size_t)cols * 4); break;
+    case TIDE_TYPE_F16: cpu_f16_to_f32_row(NULL, row, out, cols); break;
+    case TIDE_TYPE_BF16: cpu_bf16_to_f32_row(NULL, row, out, cols); break;
+    default:
+        for (int64_t i = 0; i < cols; i += 256) {
+            int n = cols - i < 256 ? (int)(cols - i) : 256;
+            cpu_block_values(type, row, i, n, out + i);
+        }
     }
 }
 

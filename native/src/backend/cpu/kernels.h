@@ -2,8 +2,9 @@
  * moe.c calls cpu_experts directly for the experts a MoE layer computes on the host.
  *
  * Conventions
- * - Activations f32, row-major; weights in a tide_matrix of any tide_type (f32, f16, bf16, q8_0),
- *   expanded to f32 inside the dot product; every sum accumulates in f32.
+ * - Activations f32, row-major; weights in a tide_matrix of any tide_type (f32, f16, bf16, q8_0,
+ *   q4_0, q4_k, q5_k, q6_k), expanded to f32 inside the dot product (blocks.h's exact values);
+ *   every sum accumulates in f32. Activations are never quantized.
  * - pool may be NULL everywhere: one thread, the SIMD level of this CPU. With a pool, the SIMD
  *   level is the pool's (tide_pool_features), fixed when the pool was made.
  * - Row determinism (backend.h): the result for one token row never depends on how many rows the
@@ -39,8 +40,12 @@ typedef struct {
     int8_t qs[TIDE_QK8_0];
 } tide_block_q8_0;
 
-/* 1 for f32, f16, bf16, q8_0. */
+/* 1 for the types the kernels compute: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k. */
 int tide_type_valid(int32_t type);
+/* Values [i0, i0 + n) of a row of a quantized type as f32, by blocks.h's rule (scalar). */
+void cpu_block_values(int32_t type, const void *row, int64_t i0, int n, float *out);
+/* A whole row of any valid type as f32 (scalar reference; cols a block multiple). */
+void cpu_dequantize_row(int32_t type, const void *row, int64_t cols, float *out);
 /* Bytes of one row (backend.h); 0 for an unknown type or q8_0 with cols % 32 != 0. */
 
 /* Exact scalar conversions. f32 -> f16/bf16 round to nearest even, keep NaN a NaN, overflow to
@@ -60,6 +65,13 @@ void cpu_f32_to_bf16_row(const tide_cpu_features *f, const float *x, uint16_t *y
 /* Quantize one row to q8_0 exactly as ggml / gguf.quants (d = amax/127 in f32, q = round half
  * away from zero of x/d, d stored as f16). cols % 32 == 0. For tests and tools. */
 tide_status cpu_quantize_row_q8_0(const float *x, int64_t cols, void *out);
+
+/* One row of f32 -> any computable type (quantize.c: ggml's reference quantizers, byte for
+ * byte). TIDE_ERR_ARG for an unknown type or cols not a block multiple. */
+tide_status cpu_quantize_row(int32_t type, const float *x, int64_t cols, void *out);
+/* rows x cols of src_type (any computable type) -> dst_type; threads split rows. */
+tide_status cpu_quantize(tide_pool *pool, int32_t dst_type, int32_t src_type, const void *src,
+                         int64_t rows, int64_t cols, void *dst);
 
 /* Embedding lookup: out[i] = f32(W[rows[i]]) for i < n (rows of w->cols floats). TIDE_ERR_ARG
  * for a row index outside [0, w->rows). */

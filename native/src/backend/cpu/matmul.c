@@ -6,6 +6,7 @@
  * canonical order of cpu_internal.h, so tiling never changes a bit.
  */
 #include "backend/cpu/cpu_internal.h"
+#include "backend/cpu/decode_simd.h"
 
 #include <stdlib.h>
 
@@ -35,13 +36,9 @@ static inline int w_chunk_scalar(int32_t type, const char *row, int64_t cols, in
         for (int l = 0; l < n; l++)
             w[l] = tide_bf16_to_f32(((const uint16_t *)row)[i0 + l]);
         break;
-    case TIDE_TYPE_Q8_0: {
-        const tide_block_q8_0 *b = (const tide_block_q8_0 *)row + (i0 >> 5);
-        float d = tide_f16_to_f32(b->d);
-        for (int l = 0; l < n; l++)
-            w[l] = d * (float)b->qs[(i0 & 31) + l];
+    default:
+        cpu_block_values(type, row, i0, n, w);
         break;
-    }
     }
     return n;
 }
@@ -125,7 +122,40 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         for (int t = 0; t < T; t++)
             acc[r][t] = _mm256_setzero_ps();
     int64_t nc = cols / 8;
-    if (type == TIDE_TYPE_Q8_0) {
+    const int QB = dec_block_elems(type);
+    if (QB) {
+        /* q4_0 / k-quants: per block each row's scales to f32 once, then each 8-value chunk
+         * decoded into a register (blocks.h's exact values) and used for all T tokens; the
+         * canonical 8-lane chunk order; rows are whole blocks, so no tail */
+        const size_t BB = dec_block_bytes(type);
+        float D[4][16], M[4][16];
+        for (int64_t blk = 0; blk < cols / QB; blk++) {
+            const uint8_t *bp[4];
+            for (int r = 0; r < R; r++) {
+                bp[r] = (const uint8_t *)row + r * rb + blk * BB;
+                _mm_prefetch((const char *)bp[r] + 4 * BB, _MM_HINT_T0);
+                _mm_prefetch((const char *)bp[r] + 4 * BB + 64, _MM_HINT_T0);
+                block_scales_avx2(type, bp[r], D[r], M[r]);
+            }
+            for (int w0 = 0; w0 < QB; w0 += 16) {
+                __m128i q[4];
+                for (int r = 0; r < R; r++)
+                    q[r] = dec_quants16(type, bp[r], w0);
+                for (int half = 0; half < 2; half++) {
+                    __m256 wv[4];
+                    for (int r = 0; r < R; r++)
+                        wv[r] = dec_values8(type, half ? _mm_srli_si128(q[r], 8) : q[r], D[r], M[r], w0);
+                    int64_t col = blk * QB + w0 + 8 * half;
+                    for (int t = 0; t < T; t++) {
+                        __m256 xv = _mm256_loadu_ps(xs[t] + col);
+                        for (int r = 0; r < R; r++)
+                            acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+                    }
+                }
+            }
+        }
+        nc = 0;
+    } else if (type == TIDE_TYPE_Q8_0) {
         /* block by block: the scale is converted once per block; the same chunk order and the
          * same w = d * q as w_chunk_avx2, so the bits are those of the chunk loop */
         for (int64_t blk = 0; blk < nc / 4; blk++) {
@@ -163,7 +193,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
                 acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
         }
     }
-    if (type == TIDE_TYPE_Q8_0)
+    if (type == TIDE_TYPE_Q8_0 || QB)
         nc = cols / 8;
     int tail = (int)(cols - nc * 8);
     if (tail) {
@@ -253,6 +283,22 @@ TIDE_AVX2 static void matmul_block_bf16(const cpu_wview *w, int64_t r0, int64_t 
                                         const cpu_tokens *ts, int32_t t0, int32_t t1) {
     matmul_block_avx2(TIDE_TYPE_BF16, w, r0, r1, ts, t0, t1);
 }
+TIDE_AVX2 static void matmul_block_q4_0(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_Q4_0, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX2 static void matmul_block_q4_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_Q4_K, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX2 static void matmul_block_q5_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_Q5_K, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX2 static void matmul_block_q6_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx2(TIDE_TYPE_Q6_K, w, r0, r1, ts, t0, t1);
+}
 TIDE_AVX2 static void matmul_block_q8_0(const cpu_wview *w, int64_t r0, int64_t r1,
                                         const cpu_tokens *ts, int32_t t0, int32_t t1) {
     matmul_block_avx2(TIDE_TYPE_Q8_0, w, r0, r1, ts, t0, t1);
@@ -268,6 +314,16 @@ TIDE_AVX512 TIDE_INLINE float hsum16_avx512(__m512 v) {
     __m256 lo = _mm512_castps512_ps256(v);
     __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     return cpu_hsum8_avx2(_mm256_add_ps(lo, hi));
+}
+
+/* f32 values of 16 quant bytes with the scales of their sub-block (decode_simd.h's rule). */
+TIDE_AVX512 TIDE_INLINE __m512 dec_values16(int32_t type, __m128i q, const float *D, const float *M, int w0) {
+    if (type == TIDE_TYPE_Q4_0)
+        return _mm512_mul_ps(_mm512_set1_ps(D[0]), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+    if (type == TIDE_TYPE_Q6_K)
+        return _mm512_mul_ps(_mm512_set1_ps(D[w0 >> 4]), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+    return _mm512_fmsub_ps(_mm512_set1_ps(D[w0 >> 5]), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)),
+                           _mm512_set1_ps(M[w0 >> 5]));
 }
 
 TIDE_AVX512 TIDE_INLINE __m512 w16_chunk(int32_t type, const char *row, int64_t c) {
@@ -304,7 +360,121 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
         for (int t = 0; t < T; t++)
             acc[r][t] = _mm512_setzero_ps();
     int64_t nc = cols / 16;
-    if (type == TIDE_TYPE_Q8_0) {
+    const int QB = dec_block_elems(type);
+    if (QB) {
+        /* as the AVX2 tile, with 16-value chunks */
+        const size_t BB = dec_block_bytes(type);
+        if (type == TIDE_TYPE_Q4_K || type == TIDE_TYPE_Q4_0) {
+            /* 4-bit quants through a 16-entry table per sub-block: table[k] = the exact value
+             * of quant k (fmsub(D, k, M), or d * (k - 8)), picked by vpermps from the quant
+             * bytes widened to 32 bits (it reads only their low 4 bits, so the low nibble needs
+             * no mask). Half the vector ops of converting each quant; the same values. */
+            const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            const int k4 = type == TIDE_TYPE_Q4_K;
+            for (int64_t blk = 0; blk < cols / QB; blk++) {
+                const uint8_t *bp[4];
+                float D[4][16], M[4][16];
+                for (int r = 0; r < R; r++) {
+                    bp[r] = (const uint8_t *)row + r * rb + blk * BB;
+                    _mm_prefetch((const char *)bp[r] + 4 * BB, _MM_HINT_T0);
+                    _mm_prefetch((const char *)bp[r] + 4 * BB + 64, _MM_HINT_T0);
+                    if (k4)
+                        block_scales_avx2(type, bp[r], D[r], M[r]);
+                }
+                for (int g = 0; g < QB / 64 + !k4; g++) {
+                    __m512 tlo[4], thi[4];
+                    __m512i v0[4], v1[4];
+                    for (int r = 0; r < R; r++) {
+                        if (k4) {
+                            tlo[r] = _mm512_fmsub_ps(_mm512_set1_ps(D[r][2 * g]), iota, _mm512_set1_ps(M[r][2 * g]));
+                            thi[r] = _mm512_fmsub_ps(_mm512_set1_ps(D[r][2 * g + 1]), iota, _mm512_set1_ps(M[r][2 * g + 1]));
+                            const uint8_t *qs = bp[r] + TIDE_Q4K_OFF_QS + 32 * g;
+                            v0[r] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
+                            v1[r] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16)));
+                        } else {
+                            tlo[r] = thi[r] = _mm512_mul_ps(_mm512_set1_ps(f16_at(bp[r])),
+                                                            _mm512_sub_ps(iota, _mm512_set1_ps(8.0f)));
+                            v0[r] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bp[r] + 2)));
+                        }
+                    }
+                    /* chunks in column order: k4: low nibbles of bytes 0-15, 16-31, then the
+                     * high nibbles; q4_0 (one 32-value block): low then high nibbles of 0-15 */
+                    for (int k = 0; k < (k4 ? 4 : 2); k++) {
+                        __m512 wv[4];
+                        for (int r = 0; r < R; r++) {
+                            __m512i v = k4 ? ((k & 1) ? v1[r] : v0[r]) : v0[r];
+                            int hi = k4 ? k >= 2 : k == 1;
+                            wv[r] = hi ? _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), thi[r])
+                                       : _mm512_permutexvar_ps(v, tlo[r]);
+                        }
+                        int64_t col = blk * QB + (k4 ? 64 * g : 0) + 16 * k;
+                        for (int t = 0; t < T; t++) {
+                            __m512 xv = _mm512_loadu_ps(xs[t] + col);
+                            for (int r = 0; r < R; r++)
+                                acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                        }
+                    }
+                    if (!k4)
+                        break;
+                }
+            }
+        } else if (type == TIDE_TYPE_Q6_K) {
+            /* 32 quants per row at a time with 256-bit byte ops, then two 16-value chunks */
+            float D[4][16], M[4][16];
+            for (int64_t blk = 0; blk < cols / QB; blk++) {
+                const uint8_t *bp[4];
+                for (int r = 0; r < R; r++) {
+                    bp[r] = (const uint8_t *)row + r * rb + blk * BB;
+                    _mm_prefetch((const char *)bp[r] + 4 * BB, _MM_HINT_T0);
+                    _mm_prefetch((const char *)bp[r] + 4 * BB + 64, _MM_HINT_T0);
+                    _mm_prefetch((const char *)bp[r] + 4 * BB + 128, _MM_HINT_T0);
+                    _mm_prefetch((const char *)bp[r] + 4 * BB + 192, _MM_HINT_T0);
+                    block_scales_avx2(type, bp[r], D[r], M[r]);
+                }
+                for (int w0 = 0; w0 < QB; w0 += 32) {
+                    __m256i q[4];
+                    for (int r = 0; r < R; r++)
+                        q[r] = dec_q6_k_quants32(bp[r], w0 >> 7, (w0 >> 5) & 3);
+                    for (int half = 0; half < 2; half++) {
+                        __m512 wv[4];
+                        for (int r = 0; r < R; r++) {
+                            __m128i qh = half ? _mm256_extracti128_si256(q[r], 1) : _mm256_castsi256_si128(q[r]);
+                            wv[r] = _mm512_mul_ps(_mm512_set1_ps(D[r][(w0 + 16 * half) >> 4]),
+                                                  _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(qh)));
+                        }
+                        int64_t col = blk * QB + w0 + 16 * half;
+                        for (int t = 0; t < T; t++) {
+                            __m512 xv = _mm512_loadu_ps(xs[t] + col);
+                            for (int r = 0; r < R; r++)
+                                acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                        }
+                    }
+                }
+            }
+        } else {
+            float D[4][16], M[4][16];
+            for (int64_t blk = 0; blk < cols / QB; blk++) {
+                const uint8_t *bp[4];
+                for (int r = 0; r < R; r++) {
+                    bp[r] = (const uint8_t *)row + r * rb + blk * BB;
+                    _mm_prefetch((const char *)bp[r] + 4 * BB, _MM_HINT_T0);
+                    _mm_prefetch((const char *)bp[r] + 4 * BB + 64, _MM_HINT_T0);
+                    block_scales_avx2(type, bp[r], D[r], M[r]);
+                }
+                for (int w0 = 0; w0 < QB; w0 += 16) {
+                    __m512 wv[4];
+                    for (int r = 0; r < R; r++)
+                        wv[r] = dec_values16(type, dec_quants16(type, bp[r], w0), D[r], M[r], w0);
+                    int64_t col = blk * QB + w0;
+                    for (int t = 0; t < T; t++) {
+                        __m512 xv = _mm512_loadu_ps(xs[t] + col);
+                        for (int r = 0; r < R; r++)
+                            acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                    }
+                }
+            }
+        }
+    } else if (type == TIDE_TYPE_Q8_0) {
         for (int64_t blk = 0; blk < nc / 2; blk++) {
             __m512 d[4];
             const tide_block_q8_0 *bp[4];
@@ -382,6 +552,22 @@ TIDE_AVX512 static void matmul_block512_bf16(const cpu_wview *w, int64_t r0, int
                                              const cpu_tokens *ts, int32_t t0, int32_t t1) {
     matmul_block_avx512(TIDE_TYPE_BF16, w, r0, r1, ts, t0, t1);
 }
+TIDE_AVX512 static void matmul_block512_q4_0(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_Q4_0, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX512 static void matmul_block512_q4_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_Q4_K, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX512 static void matmul_block512_q5_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_Q5_K, w, r0, r1, ts, t0, t1);
+}
+TIDE_AVX512 static void matmul_block512_q6_k(const cpu_wview *w, int64_t r0, int64_t r1,
+                                const cpu_tokens *ts, int32_t t0, int32_t t1) {
+    matmul_block_avx512(TIDE_TYPE_Q6_K, w, r0, r1, ts, t0, t1);
+}
 TIDE_AVX512 static void matmul_block512_q8_0(const cpu_wview *w, int64_t r0, int64_t r1,
                                              const cpu_tokens *ts, int32_t t0, int32_t t1) {
     matmul_block_avx512(TIDE_TYPE_Q8_0, w, r0, r1, ts, t0, t1);
@@ -441,6 +627,10 @@ void cpu_matmul_view_rows(const tide_cpu_features *f, const cpu_wview *w, int64_
             case TIDE_TYPE_F16: matmul_block512_f16(w, r0, r1, ts, t0, t1); break;
             case TIDE_TYPE_BF16: matmul_block512_bf16(w, r0, r1, ts, t0, t1); break;
             case TIDE_TYPE_Q8_0: matmul_block512_q8_0(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q4_0: matmul_block512_q4_0(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q4_K: matmul_block512_q4_k(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q5_K: matmul_block512_q5_k(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q6_K: matmul_block512_q6_k(w, r0, r1, ts, t0, t1); break;
             }
             continue;
         }
@@ -450,6 +640,10 @@ void cpu_matmul_view_rows(const tide_cpu_features *f, const cpu_wview *w, int64_
             case TIDE_TYPE_F16: matmul_block_f16(w, r0, r1, ts, t0, t1); break;
             case TIDE_TYPE_BF16: matmul_block_bf16(w, r0, r1, ts, t0, t1); break;
             case TIDE_TYPE_Q8_0: matmul_block_q8_0(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q4_0: matmul_block_q4_0(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q4_K: matmul_block_q4_k(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q5_K: matmul_block_q5_k(w, r0, r1, ts, t0, t1); break;
+            case TIDE_TYPE_Q6_K: matmul_block_q6_k(w, r0, r1, ts, t0, t1); break;
             }
             continue;
         }

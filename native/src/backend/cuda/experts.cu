@@ -7,8 +7,9 @@
  *      pairs and writes them to out[pair_dest[p]].
  *
  * The batch metadata (the job table and the pair lists) goes to the device in one async copy
- * through the parameter arena. Every job must have the same shapes and weight type (one layer's
- * experts always do); the kernels are memory-bound for the usual 1-8 pairs per expert.
+ * through the parameter arena. Every job must have the same shapes and weight types (one layer's
+ * experts always do): gate and up of one type, down of one type (a quantization mix may keep
+ * down finer); the kernels are memory-bound for the usual 1-8 pairs per expert.
  */
 #include "rowdot.cuh"
 
@@ -89,18 +90,23 @@ k_down(const job_desc *__restrict__ jobs, const int32_t *__restrict__ pair_dest,
 }
 
 template <int WT>
-static tide_status launch_typed(tide_backend *be, const job_desc *jobs_d, int32_t n_jobs,
-                                const int32_t *tok_d, const int32_t *dest_d, const float *x,
-                                int32_t dim, int32_t n_ff, size_t rb_gu, size_t rb_d, bool vec_gu,
-                                bool vec_d, float *hidden, float *out) {
-    state *st = S(be);
+static tide_status launch_gate_up(tide_backend *be, const job_desc *jobs_d, int32_t n_jobs,
+                                  const int32_t *tok_d, const float *x, int32_t dim, int32_t n_ff,
+                                  size_t rb_gu, bool vec_gu, float *hidden) {
     dim3 g1(div_up(n_ff, EX_WARPS * EX_RGU), (unsigned)n_jobs);
-    TCU_LAUNCH(k_gate_up<WT>, g1, EX_WARPS * 32, 0, st->compute)(jobs_d, tok_d, x, dim, n_ff, rb_gu, vec_gu,
-                                                        hidden);
+    TCU_LAUNCH(k_gate_up<WT>, g1, EX_WARPS * 32, 0, S(be)->compute)(jobs_d, tok_d, x, dim, n_ff, rb_gu,
+                                                                   vec_gu, hidden);
     TCU_LAUNCHED(be, "experts gate/up kernel launch");
+    return TIDE_OK;
+}
+
+template <int WT>
+static tide_status launch_down(tide_backend *be, const job_desc *jobs_d, int32_t n_jobs,
+                               const int32_t *dest_d, const float *hidden, int32_t dim, int32_t n_ff,
+                               size_t rb_d, bool vec_d, float *out) {
     dim3 g2(div_up(dim, EX_WARPS * EX_RD), (unsigned)n_jobs);
-    TCU_LAUNCH(k_down<WT>, g2, EX_WARPS * 32, 0, st->compute)(jobs_d, dest_d, hidden, dim, n_ff, rb_d, vec_d,
-                                                     out);
+    TCU_LAUNCH(k_down<WT>, g2, EX_WARPS * 32, 0, S(be)->compute)(jobs_d, dest_d, hidden, dim, n_ff, rb_d,
+                                                                vec_d, out);
     TCU_LAUNCHED(be, "experts down kernel launch");
     return TIDE_OK;
 }
@@ -121,8 +127,8 @@ tide_status launch_experts(tide_backend *be, const tide_expert_batch *b, const f
             return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "experts: pair %d has token %d, dest %d", p, b->pair_token[p],
                          b->pair_dest[p]);
 
-    /* every job: same type and shapes, gate/up [n_ff, dim], down [dim, n_ff] */
-    const int32_t type = b->gate[0].type;
+    /* every job: same types and shapes, gate/up [n_ff, dim], down [dim, n_ff] */
+    const int32_t type = b->gate[0].type, type_d = b->down[0].type;
     const int64_t n_ff = b->gate[0].rows;
     if (n_ff <= 0 || n_ff > INT32_MAX) return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG, "experts: bad n_ff %lld", (long long)n_ff);
     bool aligned = true;
@@ -134,9 +140,11 @@ tide_status launch_experts(tide_backend *be, const tide_expert_batch *b, const f
     }
     for (int32_t j = 0; j < n_jobs; j++) {
         const tide_matrix *g = &b->gate[j], *u = &b->up[j], *d = &b->down[j];
-        if (g->type != type || u->type != type || d->type != type)
-            return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED, "experts: job %d mixes weight types (%d, %d, %d; first job %d)",
-                         j, (int)g->type, (int)u->type, (int)d->type, (int)type);
+        if (g->type != type || u->type != type || d->type != type_d)
+            return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED,
+                         "experts: job %d has weight types (%d, %d, %d); gate and up must be the "
+                         "first job's gate type %d, down its down type %d",
+                         j, (int)g->type, (int)u->type, (int)d->type, (int)type, (int)type_d);
         if (g->rows != n_ff || u->rows != n_ff || g->cols != dim || u->cols != dim || d->rows != dim ||
             d->cols != n_ff)
             return tide_errf(be->err, sizeof be->err, TIDE_ERR_ARG,
@@ -153,10 +161,10 @@ tide_status launch_experts(tide_backend *be, const tide_expert_batch *b, const f
         jobs[(size_t)j] = job_desc{(const char *)g->data, (const char *)u->data, (const char *)d->data,
                                    b->pair_start[j], b->pair_start[j + 1]};
     }
-    const size_t rb_gu = tide_row_bytes(type, dim), rb_d = tide_row_bytes(type, n_ff);
+    const size_t rb_gu = tide_row_bytes(type, dim), rb_d = tide_row_bytes(type_d, n_ff);
     if (rb_gu == 0 || rb_d == 0) /* the shared row rule (backend.h) */
-        return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED, "experts: weight type %d with dims %d, %lld not supported",
-                     (int)type, dim, (long long)n_ff);
+        return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED, "experts: weight types %d, %d with dims %d, %lld not supported",
+                     (int)type, (int)type_d, dim, (long long)n_ff);
 
     state *st = S(be);
     tide_status rc = scratch_reserve(be, (void **)&st->hidden, &st->hidden_bytes,
@@ -171,27 +179,23 @@ tide_status launch_experts(tide_backend *be, const tide_expert_batch *b, const f
 
     bool vec_gu = ((uintptr_t)x & 15) == 0 && dim % 8 == 0;
     bool vec_d = n_ff % 8 == 0; /* hidden comes from cudaMalloc: aligned */
-    if (type != TIDE_TYPE_Q8_0) {
-        vec_gu = vec_gu && aligned && rb_gu % 16 == 0;
-        vec_d = vec_d && aligned && rb_d % 16 == 0;
-    }
+    if (!blocked_type(type)) vec_gu = vec_gu && aligned && rb_gu % 16 == 0;
+    if (!blocked_type(type_d)) vec_d = vec_d && aligned && rb_d % 16 == 0;
     const job_desc *jd = (const job_desc *)dp[0];
     const int32_t *td = (const int32_t *)dp[1], *dd = (const int32_t *)dp[2];
-    switch (type) {
-    case TIDE_TYPE_F32:
-        return launch_typed<TIDE_TYPE_F32>(be, jd, n_jobs, td, dd, x, dim, (int32_t)n_ff, rb_gu, rb_d,
-                                           vec_gu, vec_d, st->hidden, out);
-    case TIDE_TYPE_F16:
-        return launch_typed<TIDE_TYPE_F16>(be, jd, n_jobs, td, dd, x, dim, (int32_t)n_ff, rb_gu, rb_d,
-                                           vec_gu, vec_d, st->hidden, out);
-    case TIDE_TYPE_BF16:
-        return launch_typed<TIDE_TYPE_BF16>(be, jd, n_jobs, td, dd, x, dim, (int32_t)n_ff, rb_gu, rb_d,
-                                            vec_gu, vec_d, st->hidden, out);
-    case TIDE_TYPE_Q8_0:
-        return launch_typed<TIDE_TYPE_Q8_0>(be, jd, n_jobs, td, dd, x, dim, (int32_t)n_ff, rb_gu, rb_d,
-                                            vec_gu, vec_d, st->hidden, out);
-    }
-    return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED, "experts: unknown weight type %d", (int)type);
+    rc = with_weight_type(type, [&](auto wt) {
+        return launch_gate_up<decltype(wt)::value>(be, jd, n_jobs, td, x, dim, (int32_t)n_ff, rb_gu, vec_gu,
+                                                   st->hidden);
+    });
+    if (rc == TIDE_OK)
+        rc = with_weight_type(type_d, [&](auto wt) {
+            return launch_down<decltype(wt)::value>(be, jd, n_jobs, dd, st->hidden, dim, (int32_t)n_ff, rb_d,
+                                                    vec_d, out);
+        });
+    if (rc == TIDE_ERR_UNSUPPORTED)
+        return tide_errf(be->err, sizeof be->err, rc, "experts: unknown weight type %d or %d", (int)type,
+                         (int)type_d);
+    return rc;
 }
 
 } // namespace tide_cuda

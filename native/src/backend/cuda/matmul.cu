@@ -64,7 +64,7 @@ template <int WT>
 static tide_status launch_typed(tide_backend *be, const tide_matrix *w, const float *x, int32_t n,
                                 float *y, size_t rb, bool vec) {
     /* as many warps per row group as the columns give chunks to (at most 4) */
-    const int64_t span = (WT == TIDE_TYPE_Q8_0) ? 32 : 8;
+    const int64_t span = blocked_type(WT) ? 32 : 8;
     int64_t chunks = (w->cols + 32 * span - 1) / (32 * span);
     const int warps = (int)(chunks < (int64_t)MM_WARPS ? chunks : (int64_t)MM_WARPS);
     TCU_LAUNCH(k_matmul<WT>, div_up(w->rows, MM_R), warps * 32, 0, S(be)->compute)((const char *)w->data, rb, w->rows,
@@ -81,16 +81,16 @@ tide_status launch_matmul(tide_backend *be, const tide_matrix *w, const float *x
     if (rb == 0) /* the shared row rule: unknown type, or q8_0 not a whole number of blocks */
         return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED, "matmul: weight type %d with %lld columns not supported",
                      (int)w->type, (long long)w->cols);
-    /* 16-byte loads when the weight rows (not q8_0) and the activation rows are 16-byte aligned */
+    /* 16-byte loads when the activation rows and (plain types) the weight rows are 16-byte
+     * aligned; block types read their weights bytewise */
     bool vec = ((uintptr_t)x & 15) == 0 && w->cols % 8 == 0;
-    if (w->type != TIDE_TYPE_Q8_0) vec = vec && ((uintptr_t)w->data & 15) == 0 && rb % 16 == 0;
-    switch (w->type) {
-    case TIDE_TYPE_F32: return launch_typed<TIDE_TYPE_F32>(be, w, x, n, y, rb, vec);
-    case TIDE_TYPE_F16: return launch_typed<TIDE_TYPE_F16>(be, w, x, n, y, rb, vec);
-    case TIDE_TYPE_BF16: return launch_typed<TIDE_TYPE_BF16>(be, w, x, n, y, rb, vec);
-    case TIDE_TYPE_Q8_0: return launch_typed<TIDE_TYPE_Q8_0>(be, w, x, n, y, rb, vec);
-    }
-    return tide_errf(be->err, sizeof be->err, TIDE_ERR_UNSUPPORTED, "matmul: unknown weight type %d", (int)w->type);
+    if (!blocked_type(w->type)) vec = vec && ((uintptr_t)w->data & 15) == 0 && rb % 16 == 0;
+    tide_status st = with_weight_type(w->type, [&](auto wt) {
+        return launch_typed<decltype(wt)::value>(be, w, x, n, y, rb, vec);
+    });
+    if (st == TIDE_ERR_UNSUPPORTED)
+        return tide_errf(be->err, sizeof be->err, st, "matmul: unknown weight type %d", (int)w->type);
+    return st;
 }
 
 } // namespace tide_cuda

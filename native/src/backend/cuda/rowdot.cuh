@@ -1,8 +1,9 @@
 /* rowdot.cuh: the one inner loop of every weight product on the device (dense matmul, lm_head,
  * expert FFNs): a warp computes R output rows for T token rows, y[t][r] = dot(W[r], x[t]).
  *
- * - The 32 lanes split the row's columns: lane l takes columns [8l, 8l+8), then +256, ... (q8_0:
- *   one 32-column block per lane, [32l, 32l+32), then +1024, ...). Several warps may split a
+ * - The 32 lanes split the row's columns: lane l takes columns [8l, 8l+8), then +256, ... (the
+ *   block types q8_0, q4_0, q4_k, q5_k, q6_k: 32 columns per lane, [32l, 32l+32), then +1024,
+ *   ...: one q8_0/q4_0 block or one k-quant sub-block, so a lane reads its scales once). Several warps may split a
  *   row further (part / nparts), their sums then added in warp order by the caller. Weights are read with 16-byte
  *   loads where the row is 16-byte aligned, expanded to f32 in registers and used for all T
  *   tokens, so each weight byte is read once per T tokens.
@@ -14,6 +15,7 @@
 #define TIDE_CUDA_ROWDOT_CUH
 
 #include "cuda_common.cuh"
+#include "backend/blocks.h"
 
 namespace tide_cuda {
 
@@ -22,6 +24,51 @@ namespace tide_cuda {
 __device__ __forceinline__ float bf16_bits_to_f32(uint32_t h16) { return __uint_as_float(h16 << 16); }
 __device__ __forceinline__ float f16_bits_to_f32(uint32_t h16) {
     return __half2float(__ushort_as_half((unsigned short)h16));
+}
+
+/* The types stored in blocks of 32 or 256 values (rows are whole blocks). */
+__host__ __device__ constexpr bool blocked_type(int wt) {
+    return wt == TIDE_TYPE_Q8_0 || wt == TIDE_TYPE_Q4_0 || wt == TIDE_TYPE_Q4_K || wt == TIDE_TYPE_Q5_K ||
+           wt == TIDE_TYPE_Q6_K;
+}
+
+/* Eight values of a q4_0 / k-quant row, columns c .. c+7 (c a multiple of 8), by blocks.h's
+ * rule: the sub-block's scales once, then (d sc) q - (dmin m) or (d sc) q per value (nvcc's fma
+ * of an exact product rounds as the separate subtraction does: the same f32 values). */
+template <int WT>
+__device__ __forceinline__ void kq_load8(const char *row, int64_t c, float w[8]) {
+    const uint8_t *r = (const uint8_t *)row;
+    if (WT == TIDE_TYPE_Q4_0) {
+        const uint8_t *b = r + (c >> 5) * TIDE_Q4_0_BLOCK_BYTES;
+        const float d = tide_blk_f16(b);
+        const int i0 = (int)(c & 31);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int j = i0 + i;
+            const int q = j < 16 ? (b[2 + j] & 15) : (b[2 + j - 16] >> 4);
+            w[i] = d * (float)(q - 8);
+        }
+        return;
+    }
+    const int i0 = (int)(c & 255);
+    if (WT == TIDE_TYPE_Q6_K) {
+        const uint8_t *b = r + (c >> 8) * TIDE_Q6_K_BLOCK_BYTES;
+        int is;
+        tide_q6_k_quant(b, i0, &is); /* the 8 values share one scale */
+        const float D = tide_blk_f16(b + TIDE_Q6K_OFF_D) * (float)(int8_t)b[TIDE_Q6K_OFF_SCALES + is];
+#pragma unroll
+        for (int i = 0; i < 8; i++) w[i] = D * (float)tide_q6_k_quant(b, i0 + i, &is);
+        return;
+    }
+    const uint8_t *b = r + (c >> 8) * (WT == TIDE_TYPE_Q5_K ? TIDE_Q5_K_BLOCK_BYTES : TIDE_Q4_K_BLOCK_BYTES);
+    int sc, m;
+    tide_k4_scale_min(i0 >> 5, b + TIDE_K_OFF_SCALES, &sc, &m);
+    const float D = tide_blk_f16(b) * (float)sc, M = tide_blk_f16(b + 2) * (float)m;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int q = WT == TIDE_TYPE_Q5_K ? tide_q5_k_quant(b, i0 + i) : tide_q4_k_quant(b, i0 + i);
+        w[i] = D * (float)q - M;
+    }
 }
 
 /* One weight value, column c of a row (any alignment). */
@@ -41,6 +88,10 @@ __device__ __forceinline__ float w_load1(const char *row, int64_t c) {
 template <int WT>
 __device__ __forceinline__ void w_load8(const char *row, int64_t c, bool vec, bool full, int64_t cols,
                                         float w[8]) {
+    if (WT == TIDE_TYPE_Q4_0 || WT == TIDE_TYPE_Q4_K || WT == TIDE_TYPE_Q5_K || WT == TIDE_TYPE_Q6_K) {
+        kq_load8<WT>(row, c, w); /* rows are whole blocks: a chunk is always full */
+        return;
+    }
     if (WT == TIDE_TYPE_Q8_0) {
         /* cols is a multiple of 32 for q8_0, so a chunk is always full */
         const char *blk = row + (c >> 5) * 34;
@@ -103,7 +154,7 @@ __device__ __forceinline__ void warp_rowdot(const char *const rows[R], const flo
                                             int64_t cols, bool vec, float acc[R][T], int part = 0,
                                             int nparts = 1) {
     const int lane = threadIdx.x & 31;
-    constexpr int SPAN = (WT == TIDE_TYPE_Q8_0) ? 32 : 8;
+    constexpr int SPAN = blocked_type(WT) ? 32 : 8;
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -135,6 +186,24 @@ __device__ __forceinline__ void warp_rowdot(const char *const rows[R], const flo
         for (int t = 0; t < T; t++)
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(TCU_FULL, acc[r][t], o);
+}
+
+/* f(std::integral_constant<int, T>()) for the weight type T = type, so a launcher is written once
+ * for every type; TIDE_ERR_UNSUPPORTED (the caller names the op) for a type with no kernel. */
+template <int T> struct wtype { static constexpr int value = T; };
+template <class F>
+static inline tide_status with_weight_type(int32_t type, F f) {
+    switch (type) {
+    case TIDE_TYPE_F32: return f(wtype<TIDE_TYPE_F32>());
+    case TIDE_TYPE_F16: return f(wtype<TIDE_TYPE_F16>());
+    case TIDE_TYPE_BF16: return f(wtype<TIDE_TYPE_BF16>());
+    case TIDE_TYPE_Q8_0: return f(wtype<TIDE_TYPE_Q8_0>());
+    case TIDE_TYPE_Q4_0: return f(wtype<TIDE_TYPE_Q4_0>());
+    case TIDE_TYPE_Q4_K: return f(wtype<TIDE_TYPE_Q4_K>());
+    case TIDE_TYPE_Q5_K: return f(wtype<TIDE_TYPE_Q5_K>());
+    case TIDE_TYPE_Q6_K: return f(wtype<TIDE_TYPE_Q6_K>());
+    }
+    return TIDE_ERR_UNSUPPORTED;
 }
 
 } // namespace tide_cuda

@@ -1,0 +1,168 @@
+/* bench_quant.c: GB/s of cpu_matmul per weight type on LLaDA2.0 expert shapes, beside this
+ * machine's read bandwidth. Weight bytes read / time; many matrices cycled so weights come
+ * from DRAM as in a forward pass (each weight read once per forward).
+ *
+ * Build and run (from the repository root):
+ *   cc -O3 -std=c11 -D_GNU_SOURCE -pthread -Inative/include -Inative/src bench/bench_quant.c \
+ *      native/src/threadpool.c native/src/common.c native/src/backend/cpu/[a-z]*.c -lm \
+ *      -o /tmp/bench_quant
+ *   /tmp/bench_quant [threads (default: all)] [working set MiB (default 768)] [rows n (default 1,32)]
+ *                    [type name (default: all)]
+ */
+#include "backend/cpu/kernels.h"
+#include "threadpool.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+/* CPU seconds of the process: on a shared machine wall time includes time our threads waited
+ * for a core; CPU time / threads is what the kernel takes on idle cores. */
+static double cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+typedef struct {
+    const float *buf;
+    int64_t n;
+    double sums[64];
+} sum_job;
+
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) static double sum_avx2(const float *p, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
+        a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
+        a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
+        a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
+    }
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    return (double)t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+}
+#endif
+
+static void sum_thread(void *p, int ith, int nth) {
+    sum_job *j = p;
+    int64_t b, e;
+    tide_chunk(j->n / 32, ith, nth, &b, &e);
+#if defined(__x86_64__)
+    j->sums[ith] = sum_avx2(j->buf + b * 32, (e - b) * 32);
+#endif
+}
+
+/* Best of 7 passes over a buffer of `bytes`: the read bandwidth the matmuls are held against. */
+static double membw(tide_pool *pool, size_t bytes) {
+    float *buf = aligned_alloc(64, bytes);
+    if (!buf) return 0;
+    for (size_t i = 0; i < bytes / 4; i++) buf[i] = (float)(i & 1023);
+    sum_job j = {buf, (int64_t)(bytes / 4), {0}};
+    double best = 1e30, cbest = 1e30;
+    int nth = tide_pool_size(pool);
+    for (int rep = 0; rep < 7; rep++) {
+        double t0 = now(), c0 = cpu_now();
+        tide_pool_run(pool, sum_thread, &j);
+        double dt = now() - t0, dc = (cpu_now() - c0) / nth;
+        if (dt < best) best = dt;
+        if (dc < cbest) cbest = dc;
+    }
+    free(buf);
+    printf("read bandwidth: %.1f GB/s wall, %.1f GB/s cpu-time\n", bytes / best / 1e9, bytes / cbest / 1e9);
+    return bytes / best / 1e9;
+}
+
+static const char *tname(int32_t t) {
+    switch (t) {
+    case TIDE_TYPE_F32: return "f32";
+    case TIDE_TYPE_F16: return "f16";
+    case TIDE_TYPE_BF16: return "bf16";
+    case TIDE_TYPE_Q8_0: return "q8_0";
+    case TIDE_TYPE_Q4_0: return "q4_0";
+    case TIDE_TYPE_Q4_K: return "q4_k";
+    case TIDE_TYPE_Q5_K: return "q5_k";
+    case TIDE_TYPE_Q6_K: return "q6_k";
+    default: return "?";
+    }
+}
+
+/* Matrices of rows x cols filling about `set` bytes, cycled; prints the best pass's GB/s. */
+static void bench(tide_pool *pool, const char *label, int32_t type, int64_t rows, int64_t cols,
+                  size_t set, int n, double bw) {
+    size_t rb = tide_row_bytes(type, cols), mb = rb * (size_t)rows;
+    int count = (int)(set / mb) + 1;
+    char *data = malloc(mb * (size_t)count);
+    float *src = malloc(sizeof(float) * (size_t)cols);
+    if (!data || !src) { printf("no memory\n"); exit(1); }
+    uint64_t s = 88172645463325252ull;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < cols; i++) {
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+            src[i] = (float)((int64_t)(s % 2001) - 1000) * 1e-5f;
+        }
+        cpu_quantize_row(type, src, cols, data + (size_t)r * rb);
+    }
+    for (int i = 1; i < count; i++) memcpy(data + mb * (size_t)i, data, mb);
+    float *x = malloc(sizeof(float) * (size_t)(n * cols)), *y = malloc(sizeof(float) * (size_t)(n * rows));
+    for (int64_t i = 0; i < n * cols; i++) x[i] = (float)((i * 37) % 101) * 0.01f - 0.5f;
+    double per = 1e30, cper = 1e30, start = now();
+    int i = 0, nth = tide_pool_size(pool);
+    do {
+        int calls = 0;
+        double t0 = now(), c0 = cpu_now(), dt;
+        do {
+            tide_matrix m = {type, rows, cols, mb, data + mb * (size_t)i};
+            cpu_matmul(pool, &m, x, n, y);
+            i = (i + 1) % count;
+            calls++;
+            dt = now() - t0;
+        } while (dt < 0.1 || calls < count);
+        double dc = (cpu_now() - c0) / nth;
+        if (dt / calls < per) per = dt / calls;
+        if (dc / calls < cper) cper = dc / calls;
+    } while (now() - start < 1.0);
+    double gbs = mb / per / 1e9;
+    printf("%-22s %-5s n=%-2d %8.3f ms  %6.1f GB/s  %5.1f%% of read bw  %7.1f GFLOP/s | cpu-time %6.1f GB/s\n",
+           label, tname(type), n, per * 1e3, gbs, 100.0 * gbs / bw, 2.0 * rows * cols * n / per / 1e9,
+           mb / cper / 1e9);
+    fflush(stdout);
+    free(data); free(src); free(x); free(y);
+}
+
+int main(int argc, char **argv) {
+    int nt = argc > 1 ? atoi(argv[1]) : 0;
+    size_t set = (size_t)(argc > 2 ? atoi(argv[2]) : 768) << 20;
+    int ns[2] = {1, 32}, n_ns = 2;
+    if (argc > 3) { ns[0] = atoi(argv[3]); n_ns = 1; }
+    tide_pool *pool = NULL;
+    if (tide_pool_new(nt, &pool) != TIDE_OK) return 1;
+    tide_cpu_features f = tide_pool_features(pool);
+    double bw = membw(pool, set);
+    printf("threads %d, %s, read bandwidth %.1f GB/s (best of 7 passes over %zu MiB)\n",
+           tide_pool_size(pool), f.avx512 ? "avx512" : f.avx2 ? "avx2" : "scalar", bw, set >> 20);
+    const int32_t types[] = {TIDE_TYPE_BF16, TIDE_TYPE_Q8_0, TIDE_TYPE_Q6_K, TIDE_TYPE_Q5_K,
+                             TIDE_TYPE_Q4_K, TIDE_TYPE_Q4_0};
+    const char *only = argc > 4 ? argv[4] : NULL; /* one type by name */
+    for (int k = 0; k < n_ns; k++)
+        for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+            if (only && strcmp(only, tname(types[t])) != 0) continue;
+            /* LLaDA2.0-mini routed expert: gate/up [512 x 2048], down [2048 x 512] */
+            bench(pool, "expert gate 512x2048", types[t], 512, 2048, set, ns[k], bw);
+            bench(pool, "expert down 2048x512", types[t], 2048, 512, set, ns[k], bw);
+        }
+    tide_pool_free(pool);
+    return 0;
+}

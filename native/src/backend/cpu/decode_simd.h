@@ -1,0 +1,198 @@
+/* decode_simd.h: one quantized block -> its f32 weights with AVX2, for matmul.c's block tiles.
+ * The values are blocks.h's, bit for bit: products are exact in f32, and the one rounding of
+ * q4_k / q5_k is fmsub(d*sc, q, dmin*m) = round(d*sc*q - dmin*m), what the scalar rule gives.
+ * Each decoder writes the whole block (32 or 256 floats) into out (any alignment). */
+#ifndef TIDE_CPU_DECODE_SIMD_H
+#define TIDE_CPU_DECODE_SIMD_H
+
+#include "backend/blocks.h"
+#include "backend/cpu/cpu_internal.h"
+
+#ifdef TIDE_X86
+
+/* 8 unsigned bytes -> 8 f32 */
+TIDE_AVX2 TIDE_INLINE __m256 dec_u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+TIDE_AVX2 TIDE_INLINE __m256 dec_i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+/* 32 quants (bytes of q) times D minus M, into out[0..32). */
+TIDE_AVX2 TIDE_INLINE void dec_store32(__m256i q, __m256 D, __m256 M, float *out, int sub_min) {
+    __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    __m128i p[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int k = 0; k < 4; k++) {
+        __m256 f = dec_u8x8(p[k]);
+        _mm256_storeu_ps(out + 8 * k, sub_min ? _mm256_fmsub_ps(D, f, M) : _mm256_mul_ps(D, f));
+    }
+}
+
+TIDE_AVX2 TIDE_INLINE void dec_q4_0_avx2(const uint8_t *b, float *out) {
+    __m256 d = _mm256_set1_ps(tide_blk_f16(b));
+    __m128i qs = _mm_loadu_si128((const __m128i *)(b + 2)), m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
+    __m128i lo = _mm_sub_epi8(_mm_and_si128(qs, m4), e8);
+    __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), e8);
+    _mm256_storeu_ps(out, _mm256_mul_ps(d, dec_i8x8(lo)));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(d, dec_i8x8(_mm_srli_si128(lo, 8))));
+    _mm256_storeu_ps(out + 16, _mm256_mul_ps(d, dec_i8x8(hi)));
+    _mm256_storeu_ps(out + 24, _mm256_mul_ps(d, dec_i8x8(_mm_srli_si128(hi, 8))));
+}
+
+/* q4_k and q5_k (with_high = 1): per group of 64, the low nibbles (sub-block 2g) then the high. */
+TIDE_AVX2 TIDE_INLINE void dec_k_min_avx2(const uint8_t *b, float *out, const int with_high) {
+    float d = tide_blk_f16(b), dmin = tide_blk_f16(b + 2);
+    const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    const uint8_t *qs = b + (with_high ? TIDE_Q5K_OFF_QS : TIDE_Q4K_OFF_QS);
+    __m256i qh = with_high ? _mm256_loadu_si256((const __m256i *)(b + TIDE_Q5K_OFF_QH)) : _mm256_setzero_si256();
+    for (int g = 0; g < 4; g++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * g));
+        for (int h = 0; h < 2; h++) {
+            int sc, m;
+            tide_k4_scale_min(2 * g + h, b + TIDE_K_OFF_SCALES, &sc, &m);
+            __m256i q = _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, m4);
+            if (with_high) {
+                __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g + h), one);
+                q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+            }
+            dec_store32(q, _mm256_set1_ps(d * (float)sc), _mm256_set1_ps(dmin * (float)m),
+                        out + 64 * g + 32 * h, 1);
+        }
+    }
+}
+
+TIDE_AVX2 TIDE_INLINE void dec_q6_k_avx2(const uint8_t *b, float *out) {
+    float d = tide_blk_f16(b + TIDE_Q6K_OFF_D);
+    const int8_t *sc = (const int8_t *)(b + TIDE_Q6K_OFF_SCALES);
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), e32 = _mm256_set1_epi8(32);
+    for (int n = 0; n < 2; n++) {
+        const uint8_t *ql = b + 64 * n, *qhp = b + TIDE_Q6K_OFF_QH + 32 * n;
+        __m256i A = _mm256_loadu_si256((const __m256i *)ql);
+        __m256i B = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        __m256i H = _mm256_loadu_si256((const __m256i *)qhp);
+        for (int u = 0; u < 4; u++) {
+            __m256i src = (u & 1) ? B : A;
+            __m256i lo = _mm256_and_si256(u >= 2 ? _mm256_srli_epi16(src, 4) : src, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(H, 2 * u), m3);
+            __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), e32);
+            __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+            float *o = out + 128 * n + 32 * u;
+            __m256 D0 = _mm256_set1_ps(d * (float)sc[8 * n + 2 * u]);
+            __m256 D1 = _mm256_set1_ps(d * (float)sc[8 * n + 2 * u + 1]);
+            _mm256_storeu_ps(o, _mm256_mul_ps(D0, dec_i8x8(q0)));
+            _mm256_storeu_ps(o + 8, _mm256_mul_ps(D0, dec_i8x8(_mm_srli_si128(q0, 8))));
+            _mm256_storeu_ps(o + 16, _mm256_mul_ps(D1, dec_i8x8(q1)));
+            _mm256_storeu_ps(o + 24, _mm256_mul_ps(D1, dec_i8x8(_mm_srli_si128(q1, 8))));
+        }
+    }
+}
+
+/* The block decoder of a block type (type is a compile-time constant after inlining). */
+TIDE_AVX2 TIDE_INLINE void dec_block_avx2(int32_t type, const uint8_t *b, float *out) {
+    switch (type) {
+    case TIDE_TYPE_Q4_0: dec_q4_0_avx2(b, out); break;
+    case TIDE_TYPE_Q4_K: dec_k_min_avx2(b, out, 0); break;
+    case TIDE_TYPE_Q5_K: dec_k_min_avx2(b, out, 1); break;
+    case TIDE_TYPE_Q6_K: dec_q6_k_avx2(b, out); break;
+    }
+}
+
+/* ---- chunk decoders: the values of one 8- or 16-value chunk straight into a register ---------
+ * Per block, block_scales_avx2() first turns the block's scales into f32 (D, M: one per sub-block of
+ * 32 for q4_k/q5_k, of 16 for q6_k, one for q4_0), so a chunk costs a load, a few integer ops,
+ * a conversion and one fmsub/mul: the same exact values as the block decoders above. */
+/* The f16 at p as f32 (F16C: exact, as tide_blk_f16). */
+TIDE_AVX2 TIDE_INLINE float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* The block's scales as f32: d * (float)sc and dmin * (float)m (F16C's conversion is exact like
+ * tide_blk_f16, the products are blocks.h's). The k-quant 6-bit scales are unpacked four at a time
+ * from the three 32-bit words of the 12 scale bytes. */
+TIDE_AVX2 TIDE_INLINE void block_scales_avx2(int32_t type, const uint8_t *b, float *D, float *M) {
+    if (type == TIDE_TYPE_Q4_0) {
+        uint16_t h;
+        memcpy(&h, b, 2);
+        D[0] = _cvtsh_ss(h);
+    } else if (type == TIDE_TYPE_Q6_K) {
+        uint16_t h;
+        memcpy(&h, b + TIDE_Q6K_OFF_D, 2);
+        __m256 d = _mm256_set1_ps(_cvtsh_ss(h));
+        __m128i sc = _mm_loadu_si128((const __m128i *)(b + TIDE_Q6K_OFF_SCALES));
+        _mm256_storeu_ps(D, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+        _mm256_storeu_ps(D + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+    } else {
+        uint16_t h[2];
+        uint32_t u[3];
+        memcpy(h, b, 4);
+        memcpy(u, b + TIDE_K_OFF_SCALES, 12);
+        uint32_t sc_lo = u[0] & 0x3f3f3f3fu, m_lo = u[1] & 0x3f3f3f3fu;
+        uint32_t sc_hi = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+        uint32_t m_hi = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+        __m128i scv = _mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo), mv = _mm_set_epi32(0, 0, (int)m_hi, (int)m_lo);
+        _mm256_storeu_ps(D, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(h[0])), dec_u8x8(scv)));
+        _mm256_storeu_ps(M, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(h[1])), dec_u8x8(mv)));
+    }
+}
+
+/* The quant bytes (as bytes, q6_k and q4_0 already signed) of values [w0, w0 + 16) of a block,
+ * w0 a multiple of 16 (and of 8 for the low half: dec_quants8 takes the first 8 of them). */
+TIDE_AVX2 TIDE_INLINE __m128i dec_quants16(int32_t type, const uint8_t *b, int w0) {
+    const __m128i m4 = _mm_set1_epi8(15);
+    if (type == TIDE_TYPE_Q4_0) {
+        __m128i qs = _mm_loadu_si128((const __m128i *)(b + 2));
+        return _mm_sub_epi8(_mm_and_si128(w0 ? _mm_srli_epi16(qs, 4) : qs, m4), _mm_set1_epi8(8));
+    }
+    if (type == TIDE_TYPE_Q6_K) {
+        int n = w0 >> 7, j = w0 & 127, u = j >> 5, part = (j >> 4) & 1;
+        __m128i lo = _mm_loadu_si128((const __m128i *)(b + 64 * n + 32 * (u & 1) + 16 * part));
+        __m128i hi = _mm_loadu_si128((const __m128i *)(b + TIDE_Q6K_OFF_QH + 32 * n + 16 * part));
+        lo = _mm_and_si128(u >= 2 ? _mm_srli_epi16(lo, 4) : lo, m4);
+        hi = _mm_and_si128(_mm_srl_epi16(hi, _mm_cvtsi32_si128(2 * u)), _mm_set1_epi8(3));
+        return _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32));
+    }
+    int g = w0 >> 6, h = (w0 >> 5) & 1, part = (w0 >> 4) & 1;
+    int k5 = type == TIDE_TYPE_Q5_K;
+    __m128i v = _mm_loadu_si128((const __m128i *)(b + (k5 ? TIDE_Q5K_OFF_QS : TIDE_Q4K_OFF_QS) + 32 * g + 16 * part));
+    v = _mm_and_si128(h ? _mm_srli_epi16(v, 4) : v, m4);
+    if (k5) {
+        __m128i qh = _mm_loadu_si128((const __m128i *)(b + TIDE_Q5K_OFF_QH + 16 * part));
+        __m128i bit = _mm_and_si128(_mm_srl_epi16(qh, _mm_cvtsi32_si128(2 * g + h)), _mm_set1_epi8(1));
+        v = _mm_or_si128(v, _mm_slli_epi16(bit, 4));
+    }
+    return v;
+}
+
+/* The 32 signed quants (q - 32) of q6_k values [128 n + 32 u, +32), one per byte. */
+TIDE_AVX2 TIDE_INLINE __m256i dec_q6_k_quants32(const uint8_t *b, int n, int u) {
+    __m256i lo = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32 * (u & 1)));
+    __m256i hi = _mm256_loadu_si256((const __m256i *)(b + TIDE_Q6K_OFF_QH + 32 * n));
+    lo = _mm256_and_si256(u >= 2 ? _mm256_srli_epi16(lo, 4) : lo, _mm256_set1_epi8(15));
+    hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * u)), _mm256_set1_epi8(3));
+    return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+}
+
+/* f32 values of 8 quant bytes (the low 8 of q) with the scales of their sub-block. */
+TIDE_AVX2 TIDE_INLINE __m256 dec_values8(int32_t type, __m128i q, const float *D, const float *M, int w0) {
+    if (type == TIDE_TYPE_Q4_0)
+        return _mm256_mul_ps(_mm256_set1_ps(D[0]), dec_i8x8(q));
+    if (type == TIDE_TYPE_Q6_K)
+        return _mm256_mul_ps(_mm256_broadcast_ss(D + (w0 >> 4)), dec_i8x8(q));
+    return _mm256_fmsub_ps(_mm256_broadcast_ss(D + (w0 >> 5)), dec_u8x8(q), _mm256_broadcast_ss(M + (w0 >> 5)));
+}
+
+#endif /* TIDE_X86 */
+
+/* Values and bytes per block of the types decoded block by block (0 for the others). */
+TIDE_INLINE int dec_block_elems(int32_t type) {
+    return type == TIDE_TYPE_Q4_0 ? 32 : (type == TIDE_TYPE_Q4_K || type == TIDE_TYPE_Q5_K || type == TIDE_TYPE_Q6_K) ? 256 : 0;
+}
+TIDE_INLINE size_t dec_block_bytes(int32_t type) {
+    switch (type) {
+    case TIDE_TYPE_Q4_0: return TIDE_Q4_0_BLOCK_BYTES;
+    case TIDE_TYPE_Q4_K: return TIDE_Q4_K_BLOCK_BYTES;
+    case TIDE_TYPE_Q5_K: return TIDE_Q5_K_BLOCK_BYTES;
+    case TIDE_TYPE_Q6_K: return TIDE_Q6_K_BLOCK_BYTES;
+    default: return 0;
+    }
+}
+
+#endif /* TIDE_CPU_DECODE_SIMD_H */
