@@ -149,6 +149,7 @@ def run(args):
         if args.stats:
             for line in _options.stats_lines(g.stats, model.stats()):
                 print(line, file=sys.stderr)
+            print(_options.context_line(model), file=sys.stderr)
             if args.trace:
                 print(f"trace: {args.trace}", file=sys.stderr)
     return 0

@@ -46,7 +46,34 @@ static float softmax_exp_scalar(float *s, int64_t n, float m) {
     return cpu_hsum8_scalar(lanes);
 }
 
+/* s[j] *= scale for j < n; returns max(m, every s[j]). Max is exact in any order, so the
+ * vector and scalar paths agree bit for bit. */
+static float scale_max_scalar(float *s, int64_t n, float scale, float m) {
+    for (int64_t j = 0; j < n; j++) {
+        s[j] *= scale;
+        if (s[j] > m)
+            m = s[j];
+    }
+    return m;
+}
+
 #ifdef TIDE_X86
+TIDE_AVX2 static float scale_max_avx2(float *s, int64_t n, float scale, float m) {
+    __m256 sv = _mm256_set1_ps(scale), mv = _mm256_set1_ps(m);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), sv);
+        _mm256_storeu_ps(s + j, x);
+        mv = _mm256_max_ps(mv, x);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mv);
+    for (int l = 0; l < 8; l++)
+        if (lanes[l] > m)
+            m = lanes[l];
+    return scale_max_scalar(s + j, n - j, scale, m);
+}
+
 TIDE_AVX2 static float softmax_exp_avx2(float *s, int64_t n, float m) {
     __m256 mv = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
     int64_t j = 0;
@@ -102,19 +129,17 @@ static void attn_item(const attn_job *j, int32_t g, int32_t q0, int32_t nq, floa
         cpu_matmul_view_rows(&j->f, &kv, 0, tn, &ts);
         /* online softmax: running max m, running sum l; alpha rescales what came before */
         for (int32_t r = 0; r < nr; r++) {
-            float *sh = sc + (int64_t)r * ATTN_T, mt = m[r];
-            for (int64_t k = 0; k < tn; k++) {
-                sh[k] *= scale;
-                if (sh[k] > mt)
-                    mt = sh[k];
-            }
-            float sum;
+            float *sh = sc + (int64_t)r * ATTN_T, mt, sum;
 #ifdef TIDE_X86
-            if (j->f.avx2)
+            if (j->f.avx2) {
+                mt = scale_max_avx2(sh, tn, scale, m[r]);
                 sum = softmax_exp_avx2(sh, tn, mt);
-            else
+            } else
 #endif
+            {
+                mt = scale_max_scalar(sh, tn, scale, m[r]);
                 sum = softmax_exp_scalar(sh, tn, mt);
+            }
             alpha[r] = mt > m[r] && m[r] > -INFINITY ? expf(m[r] - mt) : 1.0f;
             m[r] = mt;
             l[r] = l[r] * alpha[r] + sum;
