@@ -3,7 +3,7 @@
     python3 bench/bench_context.py TIDE.gguf LLAMA.gguf [--threads 2] [--sizes 512,2048,8192]
 
 TIDE.gguf is a tide.cpp file (e.g. bench/gpu/make_random_gguf.py --layers 3: LLaDA2.0-mini's
-shapes), LLAMA.gguf the same weights in llama.cpp's layout (bench/llama_layout.py). llama.cpp
+shapes), LLAMA.gguf the same weights in llama.cpp's layout (`python -m tide_cpp.convert.llama_layout IN OUT --arch bailingmoe2`: llama-cpp-python 0.3.36 has no `llada2`). llama.cpp
 runs through llama-cpp-python in its own interpreter ($LLAMA_PYTHON, default
 /work/llama-venv/bin/python), never as a dependency of this package. Printed, for each engine:
 
