@@ -205,7 +205,7 @@ def main(argv=None):
                     help="fraction of additions/subtractions with small operands (data.CURRICULUM)")
     ap.add_argument("--answers", choices=("fixed", "varied"), default="fixed",
                     help="answer sentence patterns (data.ANSWER_STYLE)")
-    ap.add_argument("--history", default="0.85,0.05,0.05,0.05",
+    ap.add_argument("--history", default="1",
                     help="comma-separated weights of 0, 1, 2, ... earlier chat turns before the "
                     "question, drawn per batch (data.HISTORY_WEIGHTS); '1': single-turn only")
     ap.add_argument("--chat-batch-size", type=int, default=24,
