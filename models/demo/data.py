@@ -202,10 +202,43 @@ def _held_out_set(n, seed):
     return out
 
 
-def chat_text(question, answer=None):
-    """The LLaDA2 chat rendering: HUMAN turn, then the ASSISTANT turn (its answer, if given)."""
-    s = f"<role>HUMAN</role>{question}<|role_end|><role>ASSISTANT</role>"
+def chat_text(question, answer=None, history=()):
+    """The LLaDA2 chat rendering of a conversation, as the chat template renders it with the
+    generation prompt: the earlier turns `history` ((question, answer) pairs, each closed by
+    <|role_end|>), the HUMAN turn `question`, the ASSISTANT turn (its answer, if given)."""
+    s = "".join(f"<role>HUMAN</role>{q}<|role_end|><role>ASSISTANT</role>{a}<|role_end|>"
+                for q, a in history)
+    s += f"<role>HUMAN</role>{question}<|role_end|><role>ASSISTANT</role>"
     return s if answer is None else s + answer
+
+
+def chat_messages(question, history=()):
+    """The same conversation as chat messages (what create_chat_completion is given)."""
+    out = []
+    for q, a in history:
+        out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return out + [{"role": "user", "content": question}]
+
+
+# Training only: the probability that a batch's conversations have 0, 1, 2 or 3 earlier turns
+# (each a question and its correct answer) before the question to answer. One count per batch,
+# so a batch's sequences have similar lengths and little padding. (1,) is single-turn only.
+HISTORY_WEIGHTS = (1.0,)
+
+
+def history_turns(rng):
+    """Earlier turns of the next training batch (no draw when single-turn only: old streams
+    unchanged)."""
+    if len(HISTORY_WEIGHTS) == 1:
+        return 0
+    return rng.choices(range(len(HISTORY_WEIGHTS)), HISTORY_WEIGHTS)[0]
+
+
+def sample_chat(rng, turns, held_out=False):
+    """(history, question, answer): `turns` earlier (question, answer) pairs, then the question."""
+    history = [sample(rng, held_out) for _ in range(turns)]
+    q, a = sample(rng, held_out)
+    return history, q, a
 
 
 def corpus(n, seed=0):

@@ -4,6 +4,10 @@
     python models/demo/evaluate.py models/tide-demo.gguf --policies   # every policy and budget
     python models/demo/evaluate.py --reference models/demo/work/hf    # PyTorch reference decode
 
+Through the engine it then asks the same questions as turns of chats (--chat-turns, default 4):
+each question once at every position, after other held-out questions and the model's own
+answers to them, and reports the accuracy per position.
+
 A question counts as right when the answer holds exactly the numbers of the expected answer
 (the operands or quantity it restates, and the result), in any order and any phrasing. The engine path runs tide_cpp.Model.create_chat_completion,
 the same call `tide-cli chat` makes; the reference path is a small block-diffusion greedy decode
@@ -153,6 +157,48 @@ def engine_answers(model, questions, block_length=BLOCK_LENGTH, steps=STEPS,
     return out
 
 
+def chat_rotations(qs, turns):
+    """Conversations of `turns` held-out questions each: every group of `turns` consecutive
+    questions is asked in each of its `turns` rotations, so every question is asked once at
+    every position of a chat (position 1 is the single-turn question)."""
+    groups = [qs[i:i + turns] for i in range(0, len(qs) - turns + 1, turns)]
+    return [g[r:] + g[:r] for g in groups for r in range(turns)]
+
+
+def engine_chat_rows(model, qs, turns, block_length=BLOCK_LENGTH, steps=STEPS,
+                     threshold=THRESHOLD, max_tokens=MAX_TOKENS):
+    """[(position, question, expected, got, task)]: held-out questions asked as turns of a chat
+    whose earlier turns are other held-out questions with the model's own answers, as in
+    `tide-cli chat` (each answer is appended to the messages as the assistant's turn)."""
+    rows = []
+    for chat in chat_rotations(qs, turns):
+        messages = []
+        for pos, (q, a, task) in enumerate(chat, 1):
+            messages.append({"role": "user", "content": q})
+            r = model.create_chat_completion(
+                messages=messages, max_tokens=max_tokens, block_length=block_length,
+                steps=steps, threshold=threshold, temperature=0.0)
+            got = r["choices"][0]["message"]["content"]
+            messages.append({"role": "assistant", "content": got})
+            rows.append((pos, q, a, got, task))
+    return rows
+
+
+def report_chat(rows, turns, verbose=False):
+    """Accuracy per turn position of engine_chat_rows' rows, printed; the per-position list."""
+    accs = []
+    for pos in range(1, turns + 1):
+        at = [(q, a, g, t) for p, q, a, g, t in rows if p == pos]
+        acc = sum(correct(g, a) for _, a, g, _ in at) / len(at)
+        accs.append(acc)
+        print(f"  turn {pos}: accuracy {acc:.1%} on {len(at)} questions  {by_task(at)}")
+        if verbose:
+            for q, a, g, _ in at:
+                if not correct(g, a):
+                    print(f"    MISS {q!r}: {g!r} (want {a!r})")
+    return accs
+
+
 # (policy, gpu_experts, prefetch_experts) checked by --policies; budgets are slots per MoE layer.
 POLICY_GRID = [("cpu", None, 0), ("gpu", None, 0), ("static", 4, 0), ("static", 16, 0),
                ("swap", 4, 0), ("swap", 8, 0), ("tide", 2, 0), ("tide", 4, 0), ("tide", 16, 0),
@@ -174,6 +220,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="host threads (default: all)")
     ap.add_argument("--policies", action="store_true",
                     help="run every policy/budget of POLICY_GRID and check the answers agree")
+    ap.add_argument("--chat-turns", type=int, default=4,
+                    help="then ask the held-out questions as turns 1..N of chats whose earlier "
+                    "turns are other held-out questions with the model's own answers, and report "
+                    "the accuracy per turn (first policy only; 0: skip)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every miss")
     args = ap.parse_args(argv)
 
@@ -228,6 +278,14 @@ def main(argv=None):
             for q, a, g, _ in rows:
                 if not correct(g, a):
                     print(f"  MISS {q!r}: {g!r} (want {a!r})")
+        if args.chat_turns > 1 and (policy, budget, prefetch) == grid[0]:
+            t0 = time.time()
+            with tide_cpp.Model(args.model, **kw) as m:
+                chat = engine_chat_rows(m, qs, args.chat_turns, args.block_length, args.steps)
+            print(f"{args.device:4s} {policy:6s} budget={str(budget):4s} chats of "
+                  f"{args.chat_turns} turns (each question at every turn, the model's own "
+                  f"answers as history, {time.time() - t0:.0f} s):")
+            report_chat(chat, args.chat_turns, args.verbose)
     return 0 if ok else 1
 
 

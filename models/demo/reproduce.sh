@@ -8,5 +8,5 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 W=${WORK:-models/demo/work/clean}
 $PY models/demo/train.py --fresh --work "$W"
-$PY -m convert "$W/hf" -o models/tide-demo.gguf --outtype bf16 --name tide-demo
+$PY -m tide_cpp.convert "$W/hf" -o models/tide-demo.gguf --outtype bf16 --name tide-demo
 $PY models/demo/evaluate.py models/tide-demo.gguf -n 500 --device sim --policies

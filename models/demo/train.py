@@ -36,13 +36,18 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+# Threads that finish a parallel region first sleep instead of spinning: on a shared two-core
+# machine a spinning thread burns the time slice its partner needs (50 steps went from 0.5 to
+# 2.6 s a step under other work). Only the waiting changes, not the arithmetic.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import hf_checkpoint as hfc  # noqa: E402
 import moe_batched  # noqa: E402
 import reference  # noqa: E402
-from data import chat_text, sample  # noqa: E402
+from data import chat_text, history_turns, sample_chat  # noqa: E402
 from tokenizer import build_tokenizer  # noqa: E402
 
 WORK = os.path.join(HERE, "work")
@@ -113,19 +118,22 @@ reference.moe = _moe_recording
 class Batcher:
     """Deterministic stream of (ids, labels, noise positions, answer positions, block_length)."""
 
-    def __init__(self, tokenizer, cfg, batch_size, seed):
+    def __init__(self, tokenizer, cfg, batch_size, seed, chat_batch_size=None):
         self.tok = tokenizer
         self.rng = random.Random(seed)
         self.g = torch.Generator().manual_seed(seed + 1)
         self.bs = batch_size
+        self.chat_bs = chat_batch_size or batch_size   # batches with earlier turns
         ids = hfc.special_token_ids(cfg["vocab_size"])
         self.eos, self.mask = ids["<|endoftext|>"], ids["<|mask|>"]
 
     def next(self, eps=1e-3):
         B = self.rng.choice(BLOCK_LENGTHS)
-        pairs = [sample(self.rng) for _ in range(self.bs)]
-        prompts = self.tok.encode_batch([chat_text(q) for q, _ in pairs])
-        fulls = self.tok.encode_batch([chat_text(q, a) for q, a in pairs])
+        turns = history_turns(self.rng)
+        bs = self.chat_bs if turns else self.bs
+        chats = [sample_chat(self.rng, turns) for _ in range(bs)]
+        prompts = self.tok.encode_batch([chat_text(q, None, h) for h, q, _ in chats])
+        fulls = self.tok.encode_batch([chat_text(q, a, h) for h, q, a in chats])
         seqs = []
         for p, f in zip(prompts, fulls):
             p, f = p.ids, f.ids
@@ -136,16 +144,16 @@ class Batcher:
             b = self.rng.randint(first, last)
             seqs.append((seq, len(p), b))
         T = max((b + 1) * B for _, _, b in seqs)
-        x = torch.full((self.bs, T), self.eos, dtype=torch.long)
-        answer = torch.zeros((self.bs, T), dtype=torch.bool)
+        x = torch.full((bs, T), self.eos, dtype=torch.long)
+        answer = torch.zeros((bs, T), dtype=torch.bool)
         for i, (seq, plen, b) in enumerate(seqs):
             n = min(len(seq), T)
             x[i, :n] = torch.tensor(seq[:n])
             lo, hi = max(b * B, plen), (b + 1) * B
             answer[i, lo:hi] = True                        # answer tokens of the noised block
-        t = torch.rand(self.bs, 1, generator=self.g)
+        t = torch.rand(bs, 1, generator=self.g)
         p_mask = (1 - eps) * t + eps
-        noise = (torch.rand(self.bs, T, generator=self.g) < p_mask) & answer
+        noise = (torch.rand(bs, T, generator=self.g) < p_mask) & answer
         labels = x.clone()
         x = x.masked_fill(noise, self.mask)
         return x, labels, noise, answer, p_mask, B
@@ -197,6 +205,12 @@ def main(argv=None):
                     help="fraction of additions/subtractions with small operands (data.CURRICULUM)")
     ap.add_argument("--answers", choices=("fixed", "varied"), default="fixed",
                     help="answer sentence patterns (data.ANSWER_STYLE)")
+    ap.add_argument("--history", default="1",
+                    help="comma-separated weights of 0, 1, 2, ... earlier chat turns before the "
+                    "question, drawn per batch (data.HISTORY_WEIGHTS); '1': single-turn only")
+    ap.add_argument("--chat-batch-size", type=int, default=24,
+                    help="sequences in a batch with earlier turns (2-4x longer: half the batch "
+                    "keeps the step time near a single-turn step's)")
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--bench", type=int, default=0, help="time N steps and exit")
     args = ap.parse_args(argv)
@@ -204,6 +218,12 @@ def main(argv=None):
     import data
     data.ANSWER_STYLE = args.answers
     data.CURRICULUM = args.curriculum
+    try:
+        data.HISTORY_WEIGHTS = tuple(float(x) for x in args.history.split(","))
+    except ValueError:
+        ap.error(f"--history {args.history!r}: expected comma-separated numbers")
+    if min(data.HISTORY_WEIGHTS) < 0 or sum(data.HISTORY_WEIGHTS) <= 0:
+        ap.error(f"--history {args.history!r}: weights must be >= 0 with a positive sum")
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)   # index_put accumulate (embedding grads) etc.
     torch.manual_seed(args.seed)
@@ -221,7 +241,7 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8, foreach=True)
-    batcher = Batcher(tok, cfg, args.batch_size, args.seed)
+    batcher = Batcher(tok, cfg, args.batch_size, args.seed, args.chat_batch_size)
     step = 0
     log = []
     state_path = os.path.join(args.work, "state.pt")
