@@ -205,14 +205,14 @@ def test_bad_merged_tensors(llama_gguf, tmp_path):
     struct.pack_into("<Q", d, p + 4 + 16, E - 1)
     load_bad(tmp_path, d, f"tensor 'blk.2.ffn_up_exps.weight': shape [{H}, {fe}, {E - 1}], "
                           f"expected [{H}, {fe}, {E}]")
-    # the merged gate tensor of layer 2 of another type than layer 1's experts
+    # the merged gate tensor of layer 2 of another type than its up tensor
     d = bytearray(good)
     p = after_name(good, "blk.2.ffn_gate_exps.weight")
     typ = p + 4 + 3 * 8
     assert struct.unpack_from("<I", good, typ)[0] == 0  # f32
     struct.pack_into("<I", d, typ, 1)  # f16
-    load_bad(tmp_path, d, "tensor 'blk.2.ffn_gate_exps.weight': type f16, but the routed "
-                          "experts are f32")
+    load_bad(tmp_path, d, "tensor 'blk.2.ffn_up_exps.weight': type f32, but its expert's "
+                          "ffn_gate is f16")
     # the merged gate tensor missing: the per-expert tensors are looked for
     d = bytearray(good)
     p = after_name(good, "blk.1.ffn_up_exps.weight")

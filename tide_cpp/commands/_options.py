@@ -83,6 +83,11 @@ def add_model_option(g, required, help):
     g.add_argument("-m", "--model", required=required, metavar="GGUF", help=help)
 
 
+def add_threads_option(g):
+    _add(g, "-t", "--threads", type=_positive(int), metavar="N", none_means="all cores",
+         help="host threads")
+
+
 def add_model_options(p, required=True, n_ctx=True,
                       help="the model file (.gguf, from tide-cli convert)"):
     g = p.add_argument_group("model and device")
@@ -91,8 +96,7 @@ def add_model_options(p, required=True, n_ctx=True,
          help="cuda (an NVIDIA GPU plus the host), sim (a simulated device in host memory: the "
               "same residency, for testing), cpu (the host only: nothing is resident), auto "
               "(cuda when a GPU is usable, else cpu)")
-    _add(g, "-t", "--threads", type=_positive(int), metavar="N", none_means="all cores",
-         help="host threads")
+    add_threads_option(g)
     if n_ctx:
         _add(g, "--n-ctx", type=_positive(int), metavar="N",
              none_means="the model's own, or what fits in half of the free memory",
@@ -292,7 +296,7 @@ def load_model(args, trace=False):
     return Model(args.model, **model_kwargs(args, trace))
 
 
-def load_prompt_cache(model, args, err=sys.stderr):
+def load_prompt_cache(model, args):
     """--prompt-cache FILE: the cache saved by an earlier run, when FILE exists and fits this
     model and build (else a note saying why, and the prompt is computed afresh)."""
     import os
@@ -303,10 +307,10 @@ def load_prompt_cache(model, args, err=sys.stderr):
     try:
         model.load_state(path)
     except RuntimeError as e:  # TideError: another model, build, context, or a damaged file
-        print(f"tide-cli: prompt cache not used: {e}", file=err)
+        print(f"tide-cli: prompt cache not used: {e}", file=sys.stderr)
 
 
-def save_prompt_cache(model, args, err=sys.stderr):
+def save_prompt_cache(model, args):
     """--prompt-cache FILE: write the cache now (atomically)."""
     path = getattr(args, "prompt_cache", None)
     if not path:
@@ -314,7 +318,7 @@ def save_prompt_cache(model, args, err=sys.stderr):
     try:
         model.save_state(path)
     except RuntimeError as e:
-        print(f"tide-cli: prompt cache not saved: {e}", file=err)
+        print(f"tide-cli: prompt cache not saved: {e}", file=sys.stderr)
 
 
 def context_line(model):

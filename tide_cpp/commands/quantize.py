@@ -5,6 +5,8 @@ import sys
 
 from tide_cpp.convert.cli import OUTTYPE_NAMES
 
+from . import _options
+
 
 def add_parser(subparsers):
     p = subparsers.add_parser(
@@ -16,8 +18,7 @@ def add_parser(subparsers):
     p.add_argument("out", metavar="OUT.gguf", help="the file to write (atomically)")
     p.add_argument("type", metavar="TYPE", choices=OUTTYPE_NAMES,
                    help=f"one of {', '.join(OUTTYPE_NAMES)}")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="quantizer threads (default: all CPUs)")
+    _options.add_threads_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
