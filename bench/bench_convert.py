@@ -1,6 +1,7 @@
 """Converter throughput and peak memory on a synthetic checkpoint with LLaDA2.0-mini's real shapes.
 
     .venv/bin/python bench/bench_convert.py [--layers 3] [--outtypes bf16,q8_0] [--workdir DIR]
+        [--llama-python /work/llama-venv/bin/python]
 
 Writes (streaming, ~64 MiB at a time) a checkpoint of mini's layer shapes (hidden 2048, 256
 experts of 512, dense 5120, vocab 157184, 16/4 heads of 128) with fewer layers (default 3:
@@ -8,6 +9,13 @@ experts of 512, dense 5120, vocab 157184, 16/4 heads of 128) with fewer layers (
 per outtype, and prints MB/s and the child's peak RSS (ru_maxrss). Everything is deleted after.
 The shards were just written, so they are read from the page cache: the figure is the
 converter's own speed (CPU and writing), not the disk's read speed.
+
+With --llama-python (a Python with llama-cpp-python, never a dependency of this package), the peer
+runs in the same session on the same weights: the checkpoint is converted to bf16, rewritten in
+llama.cpp's layout (tide_cpp.convert.llama_layout, arch bailingmoe2), and llama.cpp's quantizer
+(`llama_model_quantize`, no importance matrix, as `llama-quantize` runs it) takes that bf16 GGUF
+to Q4_K_M with the same thread count. Timed alone, as its users run it after their converter: the
+ratio printed is tide's whole conversion (checkpoint -> q4_k_m) against that one step.
 """
 
 import argparse
@@ -109,6 +117,35 @@ r["hwm_kb"] = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")
 print("RESULT " + json.dumps(r))
 """
 
+def child_result(cmd):
+    """Run a timing child; its RESULT line as a dict, or None (its output was printed)."""
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if p.returncode or "RESULT " not in p.stdout:
+        print(p.stdout[-2000:])
+        return None
+    return json.loads(p.stdout.split("RESULT ", 1)[1])
+
+
+def llama_quantize(args, src, work, threads):
+    """tide bf16 -> llama.cpp layout -> llama_model_quantize to Q4_K_M; its result dict."""
+    bf16 = os.path.join(work, "peer-bf16.gguf")
+    lay = os.path.join(work, "peer-llama-bf16.gguf")
+    out = os.path.join(work, "peer-llama-q4_k_m.gguf")
+    r = child_result([sys.executable, "-c", _CHILD, ROOT, src, bf16, "bf16", "0", str(threads)])
+    if r is None:
+        return None
+    subprocess.run([sys.executable, "-m", "tide_cpp.convert.llama_layout", bf16, lay,
+                    "--arch", "bailingmoe2"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    os.remove(bf16)
+    r = child_result([args.llama_python, os.path.join(ROOT, "bench", "llama_quantize.py"), lay, out,
+                      "--type", "q4_k_m", "--threads", str(threads)])
+    if r is not None:
+        r["size"] = os.path.getsize(out)
+    for f in (lay, out):
+        if os.path.exists(f):
+            os.remove(f)
+    return r
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -117,6 +154,9 @@ def main():
     ap.add_argument("--workdir", default=None, help="where to put the temporary files")
     ap.add_argument("--progress", action="store_true", help="show the converter's progress bar")
     ap.add_argument("--threads", type=int, default=0, help="converter threads (0: its default)")
+    ap.add_argument("--llama-python", default=None,
+                    help="a Python with llama-cpp-python: also time llama.cpp's quantizer "
+                    "(bf16 GGUF -> Q4_K_M) on the same weights")
     args = ap.parse_args()
 
     cfg = hfc.make_config(**MINI, num_hidden_layers=args.layers)
@@ -132,15 +172,15 @@ def main():
             total = pool.apply(write_checkpoint_streaming, (src, cfg))
         print(f"checkpoint: {args.layers} layers of LLaDA2.0-mini's shapes, {total / 1e9:.2f} GB "
               f"bf16, written in {time.time() - t0:.1f} s", flush=True)
+        seconds = {}
         for outtype in args.outtypes.split(","):
             out = os.path.join(work, f"out-{outtype}.gguf")
-            p = subprocess.run([sys.executable, "-c", _CHILD, ROOT, src, out, outtype,
-                                "1" if args.progress else "0", str(args.threads)],
-                               stdout=subprocess.PIPE, text=True)
-            if p.returncode:
-                print(f"{outtype}: conversion failed (exit {p.returncode})")
+            r = child_result([sys.executable, "-c", _CHILD, ROOT, src, out, outtype,
+                              "1" if args.progress else "0", str(args.threads)])
+            if r is None:
+                print(f"{outtype}: conversion failed")
                 return 1
-            r = json.loads(p.stdout.split("RESULT ", 1)[1])
+            seconds[outtype] = r["seconds"]
             size = os.path.getsize(out)
             print(f"{outtype:5s}: {r['n_tensors']} tensors, read {total / 1e6:.0f} MB, wrote "
                   f"{size / 1e6:.0f} MB in {r['seconds']:.1f} s: {total / 1e6 / r['seconds']:.0f} "
@@ -148,6 +188,18 @@ def main():
                   f"{r['ru_maxrss_kb'] / 1024:.0f} MiB (ru_maxrss; VmHWM "
                   f"{r['hwm_kb'] / 1024:.0f} MiB)", flush=True)
             os.remove(out)
+        if args.llama_python:
+            threads = args.threads or os.cpu_count()
+            r = llama_quantize(args, src, work, threads)
+            if r is None or r["rc"] != 0:
+                print(f"llama.cpp quantizer failed: {r}")
+                return 1
+            print(f"llama.cpp: llama_model_quantize bf16 GGUF -> Q4_K_M, {threads} threads: "
+                  f"wrote {r['size'] / 1e6:.0f} MB in {r['seconds']:.1f} s; peak RSS "
+                  f"{r['ru_maxrss_kb'] / 1024:.0f} MiB", flush=True)
+            if "q4_k_m" in seconds:
+                print(f"ratio tide checkpoint -> q4_k_m / llama.cpp bf16 -> Q4_K_M: "
+                      f"{seconds['q4_k_m'] / r['seconds']:.2f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

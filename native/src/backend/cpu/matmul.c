@@ -265,9 +265,138 @@ TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t r
         }                                                                                         \
     }
 
+/* ---- AVX2, many tokens: each weight row decoded once into an f32 panel ------------------------
+ * The tiles above decode (widen bf16, unpack k-quants) a row once per group of <= 4 tokens; with
+ * a prefill micro-batch or an expert's 16 pairs that decode is repeated many times, and it competes
+ * with the FMAs for the same ports. Here a panel of rows is decoded to f32 once per token block
+ * (dec_block_avx2 / w_chunk_avx2: the exact values the tiles use) and 4-row x 3-token tiles of f32
+ * FMAs run over it, the weight operand loaded straight from the panel. Per (row, token) the same
+ * canonical chunk order and horizontal sum, so the bits are those of the tiles above: the batch
+ * size still never changes a result. */
+#define PANEL_FLOATS 16384      /* 64 KiB on the thread's stack: the panel stays in L2 */
+#define PANEL_MIN_TOKENS 6      /* below that a decode per 4 tokens costs no more */
+
+TIDE_AVX2 TIDE_INLINE void decode_row_avx2(int32_t type, const char *row, int64_t cols, float *out) {
+    const int QB = dec_block_elems(type);
+    if (QB) {
+        const size_t BB = dec_block_bytes(type);
+        for (int64_t b = 0; b < cols / QB; b++)
+            dec_block_avx2(type, (const uint8_t *)row + b * BB, out + b * QB);
+        return;
+    }
+    int64_t nc = cols / 8;
+    for (int64_t c = 0; c < nc; c++)
+        _mm256_storeu_ps(out + c * 8, w_chunk_avx2(type, row, c));
+    int tail = (int)(cols - nc * 8);
+    if (tail) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, w_tail_avx2(type, row, nc, tail));
+        memcpy(out + nc * 8, tmp, (size_t)tail * 4);
+    }
+}
+
+/* R rows of f32 (stride ws floats) x T tokens; out[r*T + t]. 12 accumulators, 3 x registers and
+ * one weight register: the 16 ymm registers of AVX2. (Slicing the columns so the 3 token rows
+ * stay in L1 measured no faster here: the panel rows stream from L2 either way.) */
+TIDE_AVX2 TIDE_INLINE void tile_f32_avx2(const float *w, int64_t ws, int64_t cols,
+                                         const float *const *xs, float *out, const int R,
+                                         const int T) {
+    __m256 acc[4][3];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            acc[r][t] = _mm256_setzero_ps();
+    int64_t nc = cols / 8;
+    for (int64_t c = 0; c < nc; c++) {
+        __m256 xv[3];
+        for (int t = 0; t < T; t++)
+            xv[t] = _mm256_loadu_ps(xs[t] + c * 8);
+        for (int r = 0; r < R; r++) {
+            __m256 wv = _mm256_loadu_ps(w + r * ws + c * 8);
+            for (int t = 0; t < T; t++)
+                acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    int tail = (int)(cols - nc * 8);
+    if (tail) {
+        for (int r = 0; r < R; r++) {
+            __m256 wv = cpu_load_partial_avx2(w + r * ws + nc * 8, tail);
+            for (int t = 0; t < T; t++)
+                acc[r][t] = _mm256_fmadd_ps(wv, cpu_load_partial_avx2(xs[t] + nc * 8, tail), acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            out[r * T + t] = cpu_hsum8_avx2(acc[r][t]);
+}
+
+TIDE_AVX2 TIDE_INLINE void tile_f32_any_avx2(const float *w, int64_t ws, int64_t cols,
+                                             const float *const *xs, float *out, int R, int T) {
+#define TILE(r_, t_) \
+    if (R == r_ && T == t_) { tile_f32_avx2(w, ws, cols, xs, out, r_, t_); return; }
+    TILE(4, 3) TILE(4, 2) TILE(4, 1) TILE(1, 3) TILE(1, 2)
+#undef TILE
+    tile_f32_avx2(w, ws, cols, xs, out, 1, 1);
+}
+
+static int panel_fits(int32_t type, const cpu_wview *w, int32_t n_tok) {
+    return n_tok >= PANEL_MIN_TOKENS && 4 * w->cols <= PANEL_FLOATS &&
+           (type != TIDE_TYPE_F32 || w->rb % sizeof(float) == 0);
+}
+
+TIDE_AVX2 TIDE_INLINE void matmul_panel_avx2(const int32_t type, const cpu_wview *w, int64_t r0,
+                                             int64_t r1, const cpu_tokens *ts, int32_t t0,
+                                             int32_t t1) {
+    float panel[PANEL_FLOATS];
+    const int64_t cols = w->cols;
+    const int64_t prows = PANEL_FLOATS / cols / 4 * 4;
+    for (int64_t b0 = r0; b0 < r1; b0 += prows) {
+        int64_t nr = r1 - b0 < prows ? r1 - b0 : prows;
+        const float *pw = panel;
+        int64_t ws = cols;
+        if (type == TIDE_TYPE_F32) {   /* already f32: tile the rows where they are */
+            pw = (const float *)(w->data + (size_t)b0 * w->rb);
+            ws = (int64_t)(w->rb / sizeof(float));
+        } else {
+            for (int64_t r = 0; r < nr; r++)
+                decode_row_avx2(type, w->data + (size_t)(b0 + r) * w->rb, cols, panel + r * cols);
+        }
+        /* the next panel's rows, fetched into cache a slice per token group while this one is
+         * computed: decoding it then waits on no DRAM read */
+        const char *next = w->data + (size_t)(b0 + nr) * w->rb;
+        size_t next_lines = b0 + nr < r1 ? ((size_t)(r1 - b0 - nr < prows ? r1 - b0 - nr : prows) *
+                                            w->rb + 63) / 64 : 0;
+        size_t per_group = (next_lines + (size_t)(t1 - t0 + 2) / 3 - 1) / ((size_t)(t1 - t0 + 2) / 3);
+        size_t fetched = 0;
+        for (int32_t t = t0; t < t1; t += 3) {
+            for (size_t k = 0; k < per_group && fetched < next_lines; k++, fetched++)
+                _mm_prefetch(next + fetched * 64, _MM_HINT_T0);
+            int nt = t1 - t < 3 ? t1 - t : 3;
+            const float *xs[3];
+            float *ys[3];
+            for (int i = 0; i < nt; i++) {
+                xs[i] = ts->x + (int64_t)(ts->x_idx ? ts->x_idx[t + i] : t + i) * ts->x_stride;
+                ys[i] = ts->y + (int64_t)(ts->y_idx ? ts->y_idx[t + i] : t + i) * ts->y_stride;
+            }
+            for (int64_t r = 0; r < nr;) {
+                int rg = nr - r >= 4 ? 4 : 1;
+                float out[12];
+                tile_f32_any_avx2(pw + r * ws, ws, cols, xs, out, rg, nt);
+                for (int i = 0; i < nt; i++)
+                    for (int k = 0; k < rg; k++)
+                        ys[i][b0 + r + k] = out[k * nt + i];
+                r += rg;
+            }
+        }
+    }
+}
+
 TIDE_AVX2 TIDE_INLINE void matmul_block_avx2(const int32_t type, const cpu_wview *w, int64_t r0,
                                              int64_t r1, const cpu_tokens *ts, int32_t t0,
                                              int32_t t1) {
+    if (panel_fits(type, w, t1 - t0)) {
+        matmul_panel_avx2(type, w, r0, r1, ts, t0, t1);
+        return;
+    }
     MATMUL_BLOCK_BODY(tile_any_avx2, 0)
 }
 
