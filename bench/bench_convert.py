@@ -12,7 +12,9 @@ converter's own speed (CPU and writing), not the disk's read speed.
 
 With --llama-python (a Python with llama-cpp-python, never a dependency of this package), the peer
 runs in the same session on the same weights: the checkpoint is converted to bf16, rewritten in
-llama.cpp's layout (tide_cpp.convert.llama_layout, arch bailingmoe2), and llama.cpp's quantizer
+llama.cpp's layout (tide_cpp.convert.llama_layout, arch bailingmoe2, llama.cpp's default alignment
+of 32: its quantizer keeps another `general.alignment` but writes at 32, a file its own loader
+then refuses), and llama.cpp's quantizer
 (`llama_model_quantize`, no importance matrix, as `llama-quantize` runs it) takes that bf16 GGUF
 to Q4_K_M with the same thread count. Timed alone, as its users run it after their converter: the
 ratio printed is tide's whole conversion (checkpoint -> q4_k_m) against that one step.
@@ -135,7 +137,8 @@ def llama_quantize(args, src, work, threads):
     if r is None:
         return None
     subprocess.run([sys.executable, "-m", "tide_cpp.convert.llama_layout", bf16, lay,
-                    "--arch", "bailingmoe2"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                    "--arch", "bailingmoe2", "--alignment", "32"], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
     os.remove(bf16)
     r = child_result([args.llama_python, os.path.join(ROOT, "bench", "llama_quantize.py"), lay, out,
                       "--type", "q4_k_m", "--threads", str(threads)])

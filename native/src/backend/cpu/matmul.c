@@ -114,10 +114,12 @@ TIDE_AVX2 TIDE_INLINE __m256 w_tail_avx2(int32_t type, const char *row, int64_t 
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-/* R rows (stride rb) x T tokens; out[r*T + t]. R, T are constants after inlining. */
+/* R rows (stride rb) x T tokens; out[r*T + t]. R, T are constants after inlining. One token
+ * takes 8 rows: each (row, token) dot is one chain of dependent FMAs (the canonical order allows
+ * no second accumulator), so a one-token step needs 8 rows in flight to cover the FMA latency. */
 TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, int64_t cols,
                                      const float *const *xs, float *out, const int R, const int T) {
-    __m256 acc[4][4];
+    __m256 acc[8][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++)
             acc[r][t] = _mm256_setzero_ps();
@@ -128,9 +130,9 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
          * decoded into a register (blocks.h's exact values) and used for all T tokens; the
          * canonical 8-lane chunk order; rows are whole blocks, so no tail */
         const size_t BB = dec_block_bytes(type);
-        float D[4][16], M[4][16];
+        float D[8][16], M[8][16];
         for (int64_t blk = 0; blk < cols / QB; blk++) {
-            const uint8_t *bp[4];
+            const uint8_t *bp[8];
             for (int r = 0; r < R; r++) {
                 bp[r] = (const uint8_t *)row + r * rb + blk * BB;
                 _mm_prefetch((const char *)bp[r] + 4 * BB, _MM_HINT_T0);
@@ -138,11 +140,11 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
                 block_scales_avx2(type, bp[r], D[r], M[r]);
             }
             for (int w0 = 0; w0 < QB; w0 += 16) {
-                __m128i q[4];
+                __m128i q[8];
                 for (int r = 0; r < R; r++)
                     q[r] = dec_quants16(type, bp[r], w0);
                 for (int half = 0; half < 2; half++) {
-                    __m256 wv[4];
+                    __m256 wv[8];
                     for (int r = 0; r < R; r++)
                         wv[r] = dec_values8(type, half ? _mm_srli_si128(q[r], 8) : q[r], D[r], M[r], w0);
                     int64_t col = blk * QB + w0 + 8 * half;
@@ -159,8 +161,8 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         /* block by block: the scale is converted once per block; the same chunk order and the
          * same w = d * q as w_chunk_avx2, so the bits are those of the chunk loop */
         for (int64_t blk = 0; blk < nc / 4; blk++) {
-            __m256 d[4];
-            const tide_block_q8_0 *bp[4];
+            __m256 d[8];
+            const tide_block_q8_0 *bp[8];
             for (int r = 0; r < R; r++) {
                 bp[r] = (const tide_block_q8_0 *)(row + r * rb) + blk;
                 d[r] = _mm256_set1_ps(_cvtsh_ss(bp[r]->d));
@@ -169,7 +171,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
                 _mm_prefetch((const char *)(bp[r] + 32), _MM_HINT_T0);
             }
             for (int sub = 0; sub < 4; sub++) {
-                __m256 wv[4];
+                __m256 wv[8];
                 for (int r = 0; r < R; r++)
                     wv[r] = _mm256_mul_ps(d[r], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
                                                     _mm_loadl_epi64((const __m128i *)(bp[r]->qs + sub * 8)))));
@@ -184,7 +186,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         nc = 0; /* q8_0 rows are whole blocks: no chunk loop, no tail */
     }
     for (int64_t c = 0; c < nc; c++) {
-        __m256 wv[4];
+        __m256 wv[8];
         for (int r = 0; r < R; r++)
             wv[r] = w_chunk_avx2(type, row + r * rb, c);
         for (int t = 0; t < T; t++) {
@@ -197,7 +199,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         nc = cols / 8;
     int tail = (int)(cols - nc * 8);
     if (tail) {
-        __m256 wv[4];
+        __m256 wv[8];
         for (int r = 0; r < R; r++)
             wv[r] = w_tail_avx2(type, row + r * rb, nc, tail);
         for (int t = 0; t < T; t++) {
@@ -216,7 +218,7 @@ TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t r
                                          const float *const *xs, float *out, int R, int T) {
 #define TILE(r_, t_) \
     if (R == r_ && T == t_) { tile_avx2(type, row, rb, cols, xs, out, r_, t_); return; }
-    TILE(2, 4) TILE(2, 3) TILE(4, 2) TILE(4, 1)
+    TILE(2, 4) TILE(2, 3) TILE(4, 2) TILE(8, 1) TILE(4, 1)
     TILE(1, 4) TILE(1, 3) TILE(1, 2) TILE(1, 1)
 #undef TILE
 }
@@ -224,7 +226,7 @@ TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t r
 /* Tokens in [t0, t1), rows [r0, r1). Rows go in blocks that stay in L2 (<= 256 KiB); within a
  * block, each group of 4 tokens (their x rows in L1) meets every row of the block, so x is read
  * from L1 and weights from L2 (from DRAM once, on the first token group). Tiles: 4 rows at a
- * time; 4 tokens as two 2x4 tiles, 3 as two 2x3, 2 as one 4x2, 1 as one 4x1; leftover rows one
+ * time (8 for one token on AVX2); 4 tokens as two 2x4 tiles, 3 as two 2x3, 2 as one 4x2, 1 as one 4x1; leftover rows one
  * at a time. One body for the AVX2 and the AVX-512 tiles (a macro: the target attributes of the
  * two must not mix). */
 #define MATMUL_BLOCK_BODY(TILE_ANY, BIG)                                                          \
@@ -244,10 +246,12 @@ TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t r
                 ys[i] = ts->y + (int64_t)(ts->y_idx ? ts->y_idx[t + i] : t + i) * ts->y_stride;   \
             }                                                                                     \
             for (int64_t r = b0; r < b1;) {                                                       \
-                int rg = b1 - r >= 4 ? 4 : 1;                                                     \
+                int rg = !(BIG) && nt == 1 && b1 - r >= 8 ? 8 : b1 - r >= 4 ? 4 : 1;              \
                 const char *row = w->data + (size_t)r * rb;                                       \
                 float out[16];                                                                    \
-                if (rg == 4) {                                                                    \
+                if (rg == 8) {                                                                    \
+                    TILE_ANY(type, row, rb, cols, xs, out, 8, 1);                                 \
+                } else if (rg == 4) {                                                             \
                     if (nt >= 3 && !(BIG)) {                                                      \
                         TILE_ANY(type, row, rb, cols, xs, out, 2, nt);                            \
                         TILE_ANY(type, row + 2 * rb, rb, cols, xs, out + 2 * nt, 2, nt);          \
