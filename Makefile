@@ -114,14 +114,14 @@ OPS_CXXFLAGS := -O2 -g -std=c++17 -pthread -D_GNU_SOURCE -Inative/include -Inati
 $(BUILD)/ops-test/%.o: native/src/%.c $(HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) -c $< -o $@
-$(BUILD)/tests/test_backend_ops: $(OPS_TEST) $(HOST_BACKEND_OBJS) $(HDRS)
+$(BUILD)/tests/test_backend_ops: $(OPS_TEST) native/tests/check.h $(HOST_BACKEND_OBJS) $(HDRS)
 	@mkdir -p $(dir $@)
 	$(CXX) $(OPS_CXXFLAGS) -x c++ $(OPS_TEST) -x none $(HOST_BACKEND_OBJS) -lm -o $@
-$(BUILD)/tests/test_backend_ops_emu: $(OPS_TEST) $(CU_SRCS) $(HOST_BACKEND_OBJS) $(HDRS) native/tests/emu/emu_cuda.h
+$(BUILD)/tests/test_backend_ops_emu: $(OPS_TEST) native/tests/check.h $(CU_SRCS) $(HOST_BACKEND_OBJS) $(HDRS) native/tests/emu/emu_cuda.h
 	@mkdir -p $(dir $@)
 	$(CXX) $(OPS_CXXFLAGS) -O1 -w -DTIDE_CUDA_EMU -DTIDE_CUDA=1 -Inative/tests/emu \
 	    -x c++ $(OPS_TEST) $(CU_SRCS) -x none $(HOST_BACKEND_OBJS) -lm -o $@
-$(BUILD)/tests/test_backend_ops_cuda: $(OPS_TEST) $(CU_OBJS) $(HOST_BACKEND_OBJS) $(HDRS)
+$(BUILD)/tests/test_backend_ops_cuda: $(OPS_TEST) native/tests/check.h $(CU_OBJS) $(HOST_BACKEND_OBJS) $(HDRS)
 	@mkdir -p $(dir $@)
 	$(NVCC) -O2 -std=c++17 -DTIDE_CUDA=1 -Inative/include -Inative/src $(CUDA_ARCHS) \
 	    -x cu -c $(OPS_TEST) -o $@.o

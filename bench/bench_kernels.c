@@ -12,94 +12,26 @@
  * they do in a forward pass (each weight is read once per forward).
  */
 #include "backend/cpu/kernels.h"
+#include "bench_common.h"
 #include "threadpool.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-/* CPU seconds of the whole process: on a shared machine, wall time includes time when our
- * threads were not running; CPU time / threads is what the kernel would take on idle cores. */
-static double cpu_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-/* ---- read bandwidth: sum a buffer ----------------------------------------------------------- */
-typedef struct {
-    const float *buf;
-    int64_t n;
-    double sums[64];
-} sum_job;
-
-#if defined(__x86_64__)
-__attribute__((target("avx2"))) static double sum_avx2(const float *p, int64_t n) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
-        a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
-        a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
-        a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
-    }
-    float t[8];
-    _mm256_storeu_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    double s = 0;
-    for (int k = 0; k < 8; k++)
-        s += t[k];
-    for (; i < n; i++)
-        s += p[i];
-    return s;
-}
-#endif
-
-static void sum_thread(void *p, int ith, int nth) {
-    sum_job *j = p;
-    int64_t b, e;
-    tide_chunk(j->n / 32, ith, nth, &b, &e);
-#if defined(__x86_64__)
-    j->sums[ith] = sum_avx2(j->buf + b * 32, (e - b) * 32);
-#else
-    double s = 0;
-    for (int64_t i = b * 32; i < e * 32; i++)
-        s += j->buf[i];
-    j->sums[ith] = s;
-#endif
-}
-
+/* ---- read bandwidth, 1, 2, 4 ... threads ---------------------------------------------------- */
 static void bench_membw(size_t bytes, int max_threads) {
-    float *buf = aligned_alloc(64, bytes);
+    float *buf = membw_buffer(bytes);
     if (!buf) {
         printf("membw: no memory for %zu bytes\n", bytes);
         return;
     }
-    for (size_t i = 0; i < bytes / 4; i++)
-        buf[i] = (float)(i & 1023);
     for (int nt = 1; nt <= max_threads; nt *= 2) {
         tide_pool *pool = NULL;
         if (tide_pool_new(nt, &pool) != TIDE_OK)
             return;
-        sum_job j = {buf, (int64_t)(bytes / 4), {0}};
-        double best = 1e30, cbest = 1e30;
-        for (int rep = 0; rep < 5; rep++) {
-            double t0 = now(), c0 = cpu_now();
-            tide_pool_run(pool, sum_thread, &j);
-            double dt = now() - t0, dc = (cpu_now() - c0) / nt;
-            if (dt < best)
-                best = dt;
-            if (dc < cbest)
-                cbest = dc;
-        }
+        double best, cbest;
+        membw_time(pool, buf, bytes, 5, &best, &cbest);
         printf("read bandwidth  %d thread%s  %7.1f GB/s | cpu-time: %6.1f GB/s  (%.0f MiB buffer, best of 5)\n",
                nt, nt > 1 ? "s" : " ", bytes / best / 1e9, bytes / cbest / 1e9, bytes / 1048576.0);
         tide_pool_free(pool);

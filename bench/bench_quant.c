@@ -10,76 +10,19 @@
  *                    [type name (default: all)]
  */
 #include "backend/cpu/kernels.h"
+#include "bench_common.h"
 #include "threadpool.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-/* CPU seconds of the process: on a shared machine wall time includes time our threads waited
- * for a core; CPU time / threads is what the kernel takes on idle cores. */
-static double cpu_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-typedef struct {
-    const float *buf;
-    int64_t n;
-    double sums[64];
-} sum_job;
-
-#if defined(__x86_64__)
-__attribute__((target("avx2"))) static double sum_avx2(const float *p, int64_t n) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
-        a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
-        a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
-        a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
-    }
-    float t[8];
-    _mm256_storeu_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    return (double)t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
-}
-#endif
-
-static void sum_thread(void *p, int ith, int nth) {
-    sum_job *j = p;
-    int64_t b, e;
-    tide_chunk(j->n / 32, ith, nth, &b, &e);
-#if defined(__x86_64__)
-    j->sums[ith] = sum_avx2(j->buf + b * 32, (e - b) * 32);
-#endif
-}
 
 /* Best of 7 passes over a buffer of `bytes`: the read bandwidth the matmuls are held against. */
 static double membw(tide_pool *pool, size_t bytes) {
-    float *buf = aligned_alloc(64, bytes);
+    float *buf = membw_buffer(bytes);
     if (!buf) return 0;
-    for (size_t i = 0; i < bytes / 4; i++) buf[i] = (float)(i & 1023);
-    sum_job j = {buf, (int64_t)(bytes / 4), {0}};
-    double best = 1e30, cbest = 1e30;
-    int nth = tide_pool_size(pool);
-    for (int rep = 0; rep < 7; rep++) {
-        double t0 = now(), c0 = cpu_now();
-        tide_pool_run(pool, sum_thread, &j);
-        double dt = now() - t0, dc = (cpu_now() - c0) / nth;
-        if (dt < best) best = dt;
-        if (dc < cbest) cbest = dc;
-    }
+    double best, cbest;
+    membw_time(pool, buf, bytes, 7, &best, &cbest);
     free(buf);
     printf("read bandwidth: %.1f GB/s wall, %.1f GB/s cpu-time\n", bytes / best / 1e9, bytes / cbest / 1e9);
     return bytes / best / 1e9;

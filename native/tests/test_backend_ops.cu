@@ -37,6 +37,8 @@ extern "C" {
 #include "threadpool.h"
 }
 
+#include "check.h" /* type_name; this test counts its results itself (report, below) */
+
 static int g_fail = 0, g_pass = 0;
 static std::mt19937_64 rng(1234);
 
@@ -136,19 +138,6 @@ static std::vector<uint8_t> encode(int type, int64_t rows, int64_t cols, const s
     return out;
 }
 
-static const char *tname(int t) {
-    switch (t) {
-    case TIDE_TYPE_F32: return "f32";
-    case TIDE_TYPE_F16: return "f16";
-    case TIDE_TYPE_BF16: return "bf16";
-    case TIDE_TYPE_Q4_0: return "q4_0";
-    case TIDE_TYPE_Q4_K: return "q4_k";
-    case TIDE_TYPE_Q5_K: return "q5_k";
-    case TIDE_TYPE_Q6_K: return "q6_k";
-    default: return "q8_0";
-    }
-}
-
 static float *dev_floats(tide_backend *be, const std::vector<float> &h) {
     void *d = nullptr;
     CHECK_OK(be, be->buf->alloc(be, h.size() * 4 + 16, &d));
@@ -195,7 +184,7 @@ static void test_matmul(tide_backend *be, int type, int64_t rows, int64_t cols, 
         }
     double scale, e = compare(y, ref, &scale);
     char name[128];
-    snprintf(name, sizeof name, "matmul %s %lldx%lld n=%d%s", tname(type), (long long)rows, (long long)cols, n,
+    snprintf(name, sizeof name, "matmul %s %lldx%lld n=%d%s", type_name(type), (long long)rows, (long long)cols, n,
              misalign_x ? " (x misaligned)" : "");
     report(name, e, scale, 1e-5);
     be->buf->dealloc(be, wd);
@@ -263,8 +252,8 @@ static void test_experts(tide_backend *be, int type, int dim, int n_ff, int n_to
     }
     double scale, err = compare(o, ref, &scale);
     char name[128];
-    snprintf(name, sizeof name, "experts %s%s%s dim=%d ff=%d tok=%d used=%d E=%d", tname(type),
-             type_d != type ? "/down " : "", type_d != type ? tname(type_d) : "", dim, n_ff, n_tok, n_used,
+    snprintf(name, sizeof name, "experts %s%s%s dim=%d ff=%d tok=%d used=%d E=%d", type_name(type),
+             type_d != type ? "/down " : "", type_d != type ? type_name(type_d) : "", dim, n_ff, n_tok, n_used,
              n_expert);
     report(name, err, scale, 1e-5);
     for (void *p : to_free) be->buf->dealloc(be, p);

@@ -45,18 +45,6 @@ static void *xmalloc(size_t n) {
 #define N_TYPES 8
 static const int32_t TYPES[N_TYPES] = {TIDE_TYPE_F32, TIDE_TYPE_F16, TIDE_TYPE_BF16, TIDE_TYPE_Q8_0,
                                        TIDE_TYPE_Q4_0, TIDE_TYPE_Q4_K, TIDE_TYPE_Q5_K, TIDE_TYPE_Q6_K};
-static const char *type_name(int32_t t) {
-    switch (t) {
-    case TIDE_TYPE_F32: return "f32";
-    case TIDE_TYPE_F16: return "f16";
-    case TIDE_TYPE_BF16: return "bf16";
-    case TIDE_TYPE_Q4_0: return "q4_0";
-    case TIDE_TYPE_Q4_K: return "q4_k";
-    case TIDE_TYPE_Q5_K: return "q5_k";
-    case TIDE_TYPE_Q6_K: return "q6_k";
-    default: return "q8_0";
-    }
-}
 
 /* Independent reference conversions (not the library's). */
 static double ref_f16(uint16_t h) {

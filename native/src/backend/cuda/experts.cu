@@ -89,25 +89,14 @@ k_down(const job_desc *__restrict__ jobs, const int32_t *__restrict__ pair_dest,
     }
 }
 
-template <int WT>
-static tide_status launch_gate_up(tide_backend *be, const job_desc *jobs_d, int32_t n_jobs,
-                                  const int32_t *tok_d, const float *x, int32_t dim, int32_t n_ff,
-                                  size_t rb_gu, bool vec_gu, float *hidden) {
-    dim3 g1(div_up(n_ff, EX_WARPS * EX_RGU), (unsigned)n_jobs);
-    TCU_LAUNCH(k_gate_up<WT>, g1, EX_WARPS * 32, 0, S(be)->compute)(jobs_d, tok_d, x, dim, n_ff, rb_gu,
-                                                                   vec_gu, hidden);
-    TCU_LAUNCHED(be, "experts gate/up kernel launch");
-    return TIDE_OK;
-}
-
-template <int WT>
-static tide_status launch_down(tide_backend *be, const job_desc *jobs_d, int32_t n_jobs,
-                               const int32_t *dest_d, const float *hidden, int32_t dim, int32_t n_ff,
-                               size_t rb_d, bool vec_d, float *out) {
-    dim3 g2(div_up(dim, EX_WARPS * EX_RD), (unsigned)n_jobs);
-    TCU_LAUNCH(k_down<WT>, g2, EX_WARPS * 32, 0, S(be)->compute)(jobs_d, dest_d, hidden, dim, n_ff, rb_d,
-                                                                vec_d, out);
-    TCU_LAUNCHED(be, "experts down kernel launch");
+/* One kernel over grid (row tile, job): EX_WARPS warps a block, ROWS_PER_WARP of the `rows`
+ * output rows a warp; `what` names the launch in the error message. */
+template <int ROWS_PER_WARP, class Kernel, class... Args>
+static tide_status launch_jobs(tide_backend *be, const char *what, Kernel kernel, int64_t rows, int32_t n_jobs,
+                               Args... args) {
+    dim3 grid(div_up(rows, EX_WARPS * ROWS_PER_WARP), (unsigned)n_jobs);
+    TCU_LAUNCH(kernel, grid, EX_WARPS * 32, 0, S(be)->compute)(args...);
+    TCU_LAUNCHED(be, what);
     return TIDE_OK;
 }
 
@@ -184,13 +173,13 @@ tide_status launch_experts(tide_backend *be, const tide_expert_batch *b, const f
     const job_desc *jd = (const job_desc *)dp[0];
     const int32_t *td = (const int32_t *)dp[1], *dd = (const int32_t *)dp[2];
     rc = with_weight_type(type, [&](auto wt) {
-        return launch_gate_up<decltype(wt)::value>(be, jd, n_jobs, td, x, dim, (int32_t)n_ff, rb_gu, vec_gu,
-                                                   st->hidden);
+        return launch_jobs<EX_RGU>(be, "experts gate/up kernel launch", k_gate_up<decltype(wt)::value>, n_ff,
+                                   n_jobs, jd, td, x, dim, (int32_t)n_ff, rb_gu, vec_gu, st->hidden);
     });
     if (rc == TIDE_OK)
         rc = with_weight_type(type_d, [&](auto wt) {
-            return launch_down<decltype(wt)::value>(be, jd, n_jobs, dd, st->hidden, dim, (int32_t)n_ff, rb_d,
-                                                    vec_d, out);
+            return launch_jobs<EX_RD>(be, "experts down kernel launch", k_down<decltype(wt)::value>, dim, n_jobs,
+                                      jd, dd, st->hidden, dim, (int32_t)n_ff, rb_d, vec_d, out);
         });
     if (rc == TIDE_ERR_UNSUPPORTED)
         return tide_errf(be->err, sizeof be->err, rc, "experts: unknown weight type %d or %d", (int)type,
