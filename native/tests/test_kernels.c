@@ -3,7 +3,8 @@
  * where the CPU has it), the attention mask rule, sampling, conversions and the thread pool.
  *
  *   cc -O2 -std=c11 -D_GNU_SOURCE -pthread -Inative/include -Inative/src \
- *      native/tests/test_kernels.c native/src/threadpool.c native/src/cpu/[a-z]*.c -lm -o /tmp/tk
+ *      native/tests/test_kernels.c native/src/threadpool.c native/src/common.c \
+ *      native/src/backend/cpu/[a-z]*.c -lm -o /tmp/tk
  */
 #include "backend/cpu/kernels.h"
 #include "threadpool.h"
