@@ -114,6 +114,20 @@ TIDE_AVX2 TIDE_INLINE __m256 w_tail_avx2(int32_t type, const char *row, int64_t 
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
+/* Block blk of row r of a tile (q4_0 / k-quants): its address, the first `lines` 64-byte lines
+ * of the block 4 blocks ahead prefetched, and (when `scales`) its scales unpacked to f32 into
+ * D, M (block_scales_avx2). One rule for every tile that walks rows block by block. */
+TIDE_AVX2 TIDE_INLINE const uint8_t *tile_block_avx2(int32_t type, const char *row, size_t rb, int r,
+                                                     int64_t blk, size_t BB, int lines, int scales,
+                                                     float *D, float *M) {
+    const uint8_t *b = (const uint8_t *)row + r * rb + blk * BB;
+    for (int l = 0; l < lines; l++)
+        _mm_prefetch((const char *)b + 4 * BB + 64 * l, _MM_HINT_T0);
+    if (scales)
+        block_scales_avx2(type, b, D, M);
+    return b;
+}
+
 /* R rows (stride rb) x T tokens; out[r*T + t]. R, T are constants after inlining. One token
  * takes 8 rows: each (row, token) dot is one chain of dependent FMAs (the canonical order allows
  * no second accumulator), so a one-token step needs 8 rows in flight to cover the FMA latency. */
@@ -134,10 +148,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         for (int64_t blk = 0; blk < cols / QB; blk++) {
             const uint8_t *bp[8];
             for (int r = 0; r < R; r++) {
-                bp[r] = (const uint8_t *)row + r * rb + blk * BB;
-                _mm_prefetch((const char *)bp[r] + 4 * BB, _MM_HINT_T0);
-                _mm_prefetch((const char *)bp[r] + 4 * BB + 64, _MM_HINT_T0);
-                block_scales_avx2(type, bp[r], D[r], M[r]);
+                bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, 2, 1, D[r], M[r]);
             }
             for (int w0 = 0; w0 < QB; w0 += 16) {
                 __m128i q[8];
@@ -300,7 +311,8 @@ TIDE_AVX2 TIDE_INLINE void decode_row_avx2(int32_t type, const char *row, int64_
 }
 
 /* R rows of f32 (stride ws floats) x T tokens; out[r*T + t]. 12 accumulators, 3 x registers and
- * one weight register: the 16 ymm registers of AVX2. (Slicing the columns so the 3 token rows
+ * one weight register: the 16 ymm registers of AVX2. Not tile_avx2 with type f32: it loads the R
+ * weight chunks first, which at 4x3 needs 17 registers. (Slicing the columns so the 3 token rows
  * stay in L1 measured no faster here: the panel rows stream from L2 either way.) */
 TIDE_AVX2 TIDE_INLINE void tile_f32_avx2(const float *w, int64_t ws, int64_t cols,
                                          const float *const *xs, float *out, const int R,
@@ -508,11 +520,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
                 const uint8_t *bp[4];
                 float D[4][16], M[4][16];
                 for (int r = 0; r < R; r++) {
-                    bp[r] = (const uint8_t *)row + r * rb + blk * BB;
-                    _mm_prefetch((const char *)bp[r] + 4 * BB, _MM_HINT_T0);
-                    _mm_prefetch((const char *)bp[r] + 4 * BB + 64, _MM_HINT_T0);
-                    if (k4)
-                        block_scales_avx2(type, bp[r], D[r], M[r]);
+                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, 2, k4, D[r], M[r]);
                 }
                 for (int g = 0; g < QB / 64 + !k4; g++) {
                     __m512 tlo[4], thi[4];
@@ -557,12 +565,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
                 for (int r = 0; r < R; r++) {
-                    bp[r] = (const uint8_t *)row + r * rb + blk * BB;
-                    _mm_prefetch((const char *)bp[r] + 4 * BB, _MM_HINT_T0);
-                    _mm_prefetch((const char *)bp[r] + 4 * BB + 64, _MM_HINT_T0);
-                    _mm_prefetch((const char *)bp[r] + 4 * BB + 128, _MM_HINT_T0);
-                    _mm_prefetch((const char *)bp[r] + 4 * BB + 192, _MM_HINT_T0);
-                    block_scales_avx2(type, bp[r], D[r], M[r]);
+                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, 4, 1, D[r], M[r]);
                 }
                 for (int w0 = 0; w0 < QB; w0 += 32) {
                     __m256i q[4];
@@ -589,10 +592,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
                 for (int r = 0; r < R; r++) {
-                    bp[r] = (const uint8_t *)row + r * rb + blk * BB;
-                    _mm_prefetch((const char *)bp[r] + 4 * BB, _MM_HINT_T0);
-                    _mm_prefetch((const char *)bp[r] + 4 * BB + 64, _MM_HINT_T0);
-                    block_scales_avx2(type, bp[r], D[r], M[r]);
+                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, 2, 1, D[r], M[r]);
                 }
                 for (int w0 = 0; w0 < QB; w0 += 16) {
                     __m512 wv[4];
