@@ -24,6 +24,9 @@ CFLAGS  ?= -O3 -g
 CFLAGS  += -std=c11 -fPIC -Wall -Wextra -Wno-unused-parameter -pthread -D_GNU_SOURCE \
            -fvisibility=hidden -Inative/include -Inative/src
 LDLIBS  := -lm -lpthread
+# Builds that the test targets start themselves run this many jobs at once (the tests then run
+# one at a time): on a two-core CI machine the compiles were most of the time.
+NPROC   := $(shell nproc 2>/dev/null || echo 1)
 
 C_SRCS  := $(wildcard native/src/*.c native/src/moe/*.c native/src/backend/cpu/*.c native/src/backend/sim/*.c)
 C_OBJS  := $(patsubst native/src/%.c,$(BUILD)/%.o,$(C_SRCS))
@@ -35,8 +38,10 @@ HDRS    := $(wildcard native/include/*.h native/src/*.h native/src/moe/*.h nativ
 CUDA_ARCHS ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80 \
               -gencode arch=compute_86,code=sm_86 -gencode arch=compute_89,code=sm_89 \
               -gencode arch=compute_120,code=sm_120 -gencode arch=compute_90,code=compute_90
+# --threads 0: nvcc compiles the architectures of one file in parallel (the CUDA build is most of
+# a clean build's time, and one file, experts.cu, is most of that)
 NVCCFLAGS ?= -O3 -std=c++17 -Xcompiler -fPIC,-fvisibility=hidden -Inative/include -Inative/src \
-             --expt-relaxed-constexpr $(CUDA_ARCHS)
+             --expt-relaxed-constexpr --threads 0 $(CUDA_ARCHS)
 
 # The native tests link the C sources alone (no CUDA objects), so they keep the base flags.
 TEST_CFLAGS := $(CFLAGS)
@@ -52,7 +57,7 @@ else
   LINK_OBJS := $(C_OBJS)
 endif
 
-.PHONY: all lib setup run test test-native sanitize fuzz bench clean
+.PHONY: all lib setup run test test-bins test-native san-bins sanitize fuzz bench clean
 
 all: lib
 lib: $(LIB)
@@ -123,15 +128,18 @@ $(BUILD)/tests/test_backend_ops_emu: $(OPS_TEST) native/tests/check.h $(CU_SRCS)
 	    -x c++ $(OPS_TEST) $(CU_SRCS) -x none $(HOST_BACKEND_OBJS) -lm -o $@
 $(BUILD)/tests/test_backend_ops_cuda: $(OPS_TEST) native/tests/check.h $(CU_OBJS) $(HOST_BACKEND_OBJS) $(HDRS)
 	@mkdir -p $(dir $@)
-	$(NVCC) -O2 -std=c++17 -DTIDE_CUDA=1 -Inative/include -Inative/src $(CUDA_ARCHS) \
+	$(NVCC) -O2 -std=c++17 -DTIDE_CUDA=1 -Inative/include -Inative/src --threads 0 $(CUDA_ARCHS) \
 	    -x cu -c $(OPS_TEST) -o $@.o
 	$(NVCC) $(CUDA_ARCHS) $@.o $(CU_OBJS) $(HOST_BACKEND_OBJS) -o $@
 
 OPS_TESTS := $(BUILD)/tests/test_backend_ops $(BUILD)/tests/test_backend_ops_emu \
              $(if $(filter 1,$(CUDA)),$(BUILD)/tests/test_backend_ops_cuda)
 
+test-bins:
+	@$(MAKE) --no-print-directory -j$(NPROC) $(NATIVE_TESTS) $(OPS_TESTS)
+
 # Exit 77 is a skip (no GPU here): the test prints why, make goes on.
-test-native: $(NATIVE_TESTS) $(OPS_TESTS)
+test-native: test-bins
 	@for t in $(NATIVE_TESTS); do echo "== $$t"; $$t || exit 1; done
 	@echo "== backend ops: cpu"; $(BUILD)/tests/test_backend_ops cpu | tail -1; test $${PIPESTATUS[0]} -eq 0
 	@echo "== backend ops: sim"; $(BUILD)/tests/test_backend_ops sim | tail -1; test $${PIPESTATUS[0]} -eq 0
@@ -145,20 +153,27 @@ test: setup test-native
 	$(VPY) -m pytest -q tests
 
 SAN_FLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-sanitize: $(VENV)/.done
-	@mkdir -p $(BUILD)/san
-	@for t in $(wildcard native/tests/test_*.c); do \
-	  n=$$(basename $$t .c); \
-	  echo "== sanitize $$n"; \
-	  $(CC) -std=c11 -pthread -D_GNU_SOURCE -Inative/include -Inative/src $(SAN_FLAGS) -o $(BUILD)/san/$$n $$t $(C_SRCS) -lm || exit 1; \
-	  PATH=$(VENV)/bin:$$PATH TIDE_PYTHON=$(abspath $(VPY)) $(BUILD)/san/$$n || exit 1; \
+SAN_CC    = $(CC) -std=c11 -pthread -D_GNU_SOURCE -Inative/include -Inative/src $(SAN_FLAGS)
+SAN_TESTS := $(patsubst native/tests/%.c,$(BUILD)/san/%,$(wildcard native/tests/test_*.c))
+SAN_OPS_OBJS := $(patsubst native/src/%.c,$(BUILD)/san/ops/%.o,$(HOST_BACKEND_SRCS))
+$(BUILD)/san/ops/%.o: native/src/%.c $(HDRS)
+	@mkdir -p $(dir $@)
+	$(SAN_CC) -c $< -o $@
+$(BUILD)/san/test_backend_ops: $(OPS_TEST) native/tests/check.h $(SAN_OPS_OBJS) $(HDRS)
+	$(CXX) -std=c++17 -pthread -D_GNU_SOURCE -Inative/include -Inative/src $(SAN_FLAGS) \
+	    -x c++ $(OPS_TEST) -x none $(SAN_OPS_OBJS) -lm -o $@
+$(BUILD)/san/%: native/tests/%.c native/tests/check.h $(C_SRCS) $(HDRS)
+	@mkdir -p $(dir $@)
+	$(SAN_CC) -o $@ $< $(C_SRCS) -lm
+san-bins:
+	@$(MAKE) --no-print-directory -j$(NPROC) $(SAN_TESTS) $(BUILD)/san/test_backend_ops
+
+sanitize: $(VENV)/.done san-bins
+	@for t in $(SAN_TESTS); do \
+	  echo "== sanitize $$(basename $$t)"; \
+	  PATH=$(VENV)/bin:$$PATH TIDE_PYTHON=$(abspath $(VPY)) $$t || exit 1; \
 	done
-	@echo "== sanitize test_backend_ops (cpu, sim)"; mkdir -p $(BUILD)/san/ops && \
-	  for f in $(HOST_BACKEND_SRCS); do \
-	    $(CC) -std=c11 -pthread -D_GNU_SOURCE -Inative/include -Inative/src $(SAN_FLAGS) -c $$f \
-	      -o $(BUILD)/san/ops/$$(echo $$f | tr / _).o || exit 1; done && \
-	  $(CXX) -std=c++17 -pthread -D_GNU_SOURCE -Inative/include -Inative/src $(SAN_FLAGS) \
-	    -x c++ $(OPS_TEST) -x none $(BUILD)/san/ops/*.o -lm -o $(BUILD)/san/test_backend_ops && \
+	@echo "== sanitize test_backend_ops (cpu, sim)"; \
 	  $(BUILD)/san/test_backend_ops cpu --quick | tail -1 && test $${PIPESTATUS[0]} -eq 0 && \
 	  $(BUILD)/san/test_backend_ops sim --quick | tail -1 && test $${PIPESTATUS[0]} -eq 0
 

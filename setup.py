@@ -26,7 +26,8 @@ def make_lib():
         if shutil.which(tool) is None:
             sys.exit(f"tide_cpp: building the native library (libtide.so) needs make and a C "
                      f"compiler; {tool!r} was not found")
-    cmd = ["make", "-C", ROOT, "lib"]
+    # one job per core: nvcc over the CUDA sources is most of an install's time
+    cmd = ["make", "-C", ROOT, f"-j{os.cpu_count() or 1}", "lib"]
     cuda = os.environ.get("TIDE_CUDA")
     if cuda is not None:
         if cuda not in ("0", "1"):
