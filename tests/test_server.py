@@ -335,6 +335,79 @@ def test_full_queue_is_503():
         assert s.stop() == 0
 
 
+def _header_names(resp):
+    return {k.lower() for k, _ in resp.getheaders()}
+
+
+def _chunked_post(port, path, chunks):
+    """(status, body) of a POST whose body comes in chunks without a Content-Length; the server
+    may answer and close before the last chunk is sent."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", path)
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    try:
+        for c in chunks:
+            conn.send(b"%x\r\n%s\r\n" % (len(c), c))
+        conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read())
+    conn.close()
+    return out
+
+
+def test_request_size_limit_and_cors():
+    origin = "http://localhost:3000"
+    s = Server("--max-request-bytes", "4KiB", "--cors-origin", origin)
+    try:
+        big = {"model": "tide-demo", "messages": [{"role": "user", "content": "x" * 5000}]}
+        status, body = request(s.url + "/v1/chat/completions", big)      # Content-Length
+        assert status == 413, body
+        assert "4096 bytes" in body["error"]["message"]
+        assert "--max-request-bytes" in body["error"]["message"]
+        status, body = _chunked_post(s.port, "/v1/completions", [b"{" + b" " * 1023] * 8)
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+        piece = json.dumps({"prompt": "What is 37 plus 48?", "max_tokens": 4}).encode()
+        status, body = _chunked_post(s.port, "/v1/completions", [piece[:10], piece[10:]])
+        assert status == 200, body                                       # under the limit
+        status, body = chat(s)
+        assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER
+
+        # a browser page on the named origin: preflight, then the request itself
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200
+        assert r.getheader("access-control-allow-origin") == origin
+        assert "x-stainless-os" in r.getheader("access-control-allow-headers").lower()
+        conn.request("GET", "/v1/models", headers={"Origin": origin})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200 and r.getheader("access-control-allow-origin") == origin
+        conn.request("GET", "/v1/models", headers={"Origin": "http://elsewhere.test"})
+        r = conn.getresponse()
+        r.read()
+        assert "access-control-allow-origin" not in _header_names(r)   # not a named origin
+        conn.close()
+    finally:
+        assert s.stop() == 0
+
+
+def test_no_cors_unless_asked(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/v1/models", headers={"Origin": "http://localhost:3000"})
+    r = conn.getresponse()
+    r.read()
+    conn.close()
+    assert r.status == 200 and "access-control-allow-origin" not in _header_names(r)
+
+
 def test_api_key():
     s = Server("--api-key", "sesame")
     try:
@@ -454,6 +527,9 @@ def test_step_events_carry_edits():
 @pytest.mark.parametrize("args,message", [
     (["--threshold", "5"], "threshold"), (["--steps", "64"], "steps"),
     (["--port", "70000"], "--port"), (["--max-queue", "-1"], "--max-queue"),
+    (["--max-request-bytes", "0"], "--max-request-bytes"),
+    (["--max-request-bytes", "lots"], "--max-request-bytes"),
+    (["--cors-origin", "localhost:3000"], "--cors-origin"),
 ])
 def test_bad_options_fail_at_start(args, message):
     import subprocess

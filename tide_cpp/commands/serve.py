@@ -9,6 +9,8 @@ import sys
 import threading
 
 from . import _options
+from ..server.errors import MAX_BODY_BYTES   # no FastAPI import: the extra may be absent
+from ..units import parse_bytes
 
 
 def add_parser(subparsers):
@@ -35,6 +37,13 @@ def add_parser(subparsers):
     s.add_argument("--max-queue", type=int, default=16, metavar="N",
                    help="requests that may wait behind the running one; more get 503 "
                         "(default: 16)")
+    s.add_argument("--max-request-bytes", default=str(MAX_BODY_BYTES), metavar="SIZE",
+                   help="refuse request bodies larger than this with 413 (default: 32MiB; "
+                        "1MiB, 500kB, ... also accepted)")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API "
+                        "from a browser; repeat for several, '*' for any (default: none, only "
+                        "this server's own page; llama-server allows any)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, let running requests finish for up to S seconds, then "
                         "cancel them (default: 30)")
@@ -79,6 +88,16 @@ def run(args):
     if args.max_queue < 0:
         return _options.error(f"--max-queue: {args.max_queue} is negative")
     try:
+        max_body = parse_bytes(args.max_request_bytes)
+    except ValueError as e:
+        return _options.error(f"--max-request-bytes: {e}")
+    if max_body < 1:
+        return _options.error(f"--max-request-bytes: {args.max_request_bytes} is not positive")
+    for origin in args.cors_origin:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            return _options.error(f"--cors-origin: {origin!r} is not an origin "
+                                  "(scheme://host[:port], e.g. http://localhost:3000, or '*')")
+    try:
         model = _options.load_model(args)
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: TideError (file, GPU)
         return _options.error(e)
@@ -86,7 +105,8 @@ def run(args):
     with model:
         try:
             app = create_app(model, alias, _options.generation_kwargs(args),
-                             api_key=args.api_key or None, max_queue=args.max_queue)
+                             api_key=args.api_key or None, max_queue=args.max_queue,
+                             max_body_bytes=max_body, cors_origins=args.cors_origin)
         except ValueError as e:
             return _options.error(e)
         print(f"tide-cli serve: {alias} ({model.policy} on {model.device}) at "

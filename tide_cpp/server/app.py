@@ -7,6 +7,8 @@
     GET  /                       the web page (tide_cpp/server/web/)
 
 Every error is OpenAI-shaped (errors.py); a bad request is a 400 naming its field, never a 500.
+A body over max_body_bytes is refused (413) as it arrives, so no request can fill the memory.
+Browsers on other origins may call the API only when cors_origins names them ("*": any).
 """
 
 import asyncio
@@ -18,13 +20,14 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from . import completions, sse
 from .engine import Engine
-from .errors import APIError, unauthorized
+from .errors import MAX_BODY_BYTES, APIError, too_large, unauthorized
 from .schemas import parse_completion, parse_json
 
 WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -32,9 +35,26 @@ WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascrip
 DISCONNECT_POLL_S = 0.25   # how often a non-streamed request checks that its client is still there
 
 
-def create_app(model, model_alias, defaults, api_key=None, max_queue=16):
+async def read_body(request, limit):
+    """The request body, refused (413) as soon as it is known to exceed limit bytes: up front
+    from Content-Length when the client sends one, else while it streams in."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), limit)
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(size, limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def create_app(model, model_alias, defaults, api_key=None, max_queue=16,
+               max_body_bytes=MAX_BODY_BYTES, cors_origins=()):
     """The application for an open tide_cpp.Model. defaults: generation settings for fields a
-    request leaves out (keyword arguments of tide_cpp.generation.generate)."""
+    request leaves out (keyword arguments of tide_cpp.generation.generate). cors_origins: the
+    web origins (scheme://host[:port], or "*") whose pages may call the API from a browser."""
     facts = completions.ModelFacts(model)
     completions.check_defaults(facts, defaults)   # a bad option fails now, not every request
     engine = Engine(model, max_queue=max_queue)
@@ -50,6 +70,10 @@ def create_app(model, model_alias, defaults, api_key=None, max_queue=16):
     app = FastAPI(title="tide.cpp", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.engine = engine
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["*"])   # the openai JS client adds its own
 
     # ---- errors ---------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -113,7 +137,8 @@ def create_app(model, model_alias, defaults, api_key=None, max_queue=16):
 
     async def _complete(request, kind):
         authorize(request)
-        req = parse_completion(parse_json(await request.body()), kind, defaults)
+        req = parse_completion(parse_json(await read_body(request, max_body_bytes)), kind,
+                               defaults)
         ids = await run_in_threadpool(completions.prepare, facts, req)   # template, tokenizer
         events = asyncio.Queue()
         job = engine.submit(completions.work(req, ids), asyncio.get_running_loop(), events)

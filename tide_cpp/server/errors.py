@@ -31,3 +31,14 @@ def unauthorized():
 
 def overloaded(message):
     return APIError(503, message, type="server_error", code="overloaded")
+
+
+# A whole 32768-token conversation is about 1 MiB of JSON even when every character is escaped;
+# 32 MiB leaves room for any real request and none for one meant to exhaust the memory.
+MAX_BODY_BYTES = 32 << 20
+
+
+def too_large(size, limit):
+    """413 for a request body over --max-request-bytes (size: the bytes seen when it went over)."""
+    return APIError(413, f"request body: {size} bytes or more, over the server's limit of {limit} "
+                         f"bytes (tide-cli serve --max-request-bytes)", code="request_too_large")
