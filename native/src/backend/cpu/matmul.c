@@ -114,14 +114,15 @@ TIDE_AVX2 TIDE_INLINE __m256 w_tail_avx2(int32_t type, const char *row, int64_t 
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-/* Share `step` of the prefetch of the next tile's rows (n_lines 64-byte lines from p: the R rows
- * after a tile's R are contiguous with them), `per` lines a share. A one-token tile spreads it
+/* Share `step` of n_steps of the prefetch of the next tile's rows (n_lines 64-byte lines from p:
+ * the R rows after a tile's R are contiguous with them). A tile that streams its rows spreads it
  * over its blocks or chunks so the next rows are in cache when it starts them. The hardware
  * prefetcher alone lags: each row is a separate stream, too short for it to catch when rows are
  * 512 values (measured on the 2048x512 expert matrices: q8_0 from 5 to 14 GB/s with 2 threads). */
-TIDE_INLINE void prefetch_share(const char *p, size_t n_lines, size_t per, size_t step) {
-    size_t end = (step + 1) * per < n_lines ? (step + 1) * per : n_lines;
-    for (size_t l = step * per; l < end; l++)
+TIDE_INLINE void prefetch_share(const char *p, size_t n_lines, int64_t n_steps, int64_t step) {
+    size_t per = (n_lines + (size_t)n_steps - 1) / (size_t)n_steps;
+    size_t end = ((size_t)step + 1) * per < n_lines ? ((size_t)step + 1) * per : n_lines;
+    for (size_t l = (size_t)step * per; l < end; l++)
         _mm_prefetch(p + 64 * l, _MM_HINT_T0);
 }
 
@@ -143,17 +144,21 @@ TIDE_AVX2 TIDE_INLINE const uint8_t *tile_block_avx2(int32_t type, const char *r
  * takes 8 rows: each (row, token) dot is one chain of dependent FMAs (the canonical order allows
  * no second accumulator), so a one-token step needs 8 rows in flight to cover the FMA latency. */
 TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, int64_t cols,
-                                     const float *const *xs, float *out, const int R, const int T) {
+                                     const float *const *xs, float *out, const int R, const int T,
+                                     int stream) {
     __m256 acc[8][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++)
             acc[r][t] = _mm256_setzero_ps();
     int64_t nc = cols / 8;
     const int QB = dec_block_elems(type);
-    /* the next tile's rows, prefetched a share a step; only where rows are packed (not the
-     * strided K/V rows of attention, where the span holds other heads too) */
+    /* stream (the rows are read once, by a single token group): the next tile's rows,
+     * prefetched a share a step, where rows are packed (not the strided K/V rows of attention).
+     * With more token groups the rows come again from L2 for each (MATMUL_BLOCK_BODY), and the
+     * prefetch would only evict their x rows from L1. */
     const char *next = row + (size_t)R * rb;
-    const size_t next_lines = rb == tide_row_bytes(type, cols) ? ((size_t)R * rb + 63) / 64 : 0;
+    const size_t next_lines =
+        stream && rb == tide_row_bytes(type, cols) ? ((size_t)R * rb + 63) / 64 : 0;
     if (QB) {
         /* q4_0 / k-quants: per block each row's scales to f32 once, then each 8-value chunk
          * decoded into a register (blocks.h's exact values) and used for all T tokens; the
@@ -163,7 +168,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         const int64_t nb = cols / QB;
         for (int64_t blk = 0; blk < nb; blk++) {
             const uint8_t *bp[8];
-            prefetch_share(next, next_lines, (next_lines + (size_t)nb - 1) / (size_t)nb, (size_t)blk);
+            prefetch_share(next, next_lines, nb, blk);
             for (int r = 0; r < R; r++)
                 bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, 0, 1, D[r], M[r]);
             for (int w0 = 0; w0 < QB; w0 += 16) {
@@ -191,7 +196,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         for (int64_t blk = 0; blk < nb; blk++) {
             __m256 d[8];
             const tide_block_q8_0 *bp[8];
-            prefetch_share(next, next_lines, (next_lines + (size_t)nb - 1) / (size_t)nb, (size_t)blk);
+            prefetch_share(next, next_lines, nb, blk);
             for (int r = 0; r < R; r++) {
                 bp[r] = (const tide_block_q8_0 *)(row + r * rb) + blk;
                 d[r] = _mm256_set1_ps(_cvtsh_ss(bp[r]->d));
@@ -213,7 +218,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
     }
     for (int64_t c = 0; c < nc; c++) {
         __m256 wv[8];
-        prefetch_share(next, next_lines, (next_lines + (size_t)nc - 1) / (size_t)nc, (size_t)c);
+        prefetch_share(next, next_lines, nc, c);
         for (int r = 0; r < R; r++)
             wv[r] = w_chunk_avx2(type, row + r * rb, c);
         for (int t = 0; t < T; t++) {
@@ -242,9 +247,10 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
 
 /* Dispatch a (R, T) tile with constant shape; the type is a constant of the caller. */
 TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t rb, int64_t cols,
-                                         const float *const *xs, float *out, int R, int T) {
+                                         const float *const *xs, float *out, int R, int T,
+                                         int stream) {
 #define TILE(r_, t_) \
-    if (R == r_ && T == t_) { tile_avx2(type, row, rb, cols, xs, out, r_, t_); return; }
+    if (R == r_ && T == t_) { tile_avx2(type, row, rb, cols, xs, out, r_, t_, stream); return; }
     TILE(2, 4) TILE(2, 3) TILE(4, 2) TILE(8, 1) TILE(4, 1)
     TILE(1, 4) TILE(1, 3) TILE(1, 2) TILE(1, 1)
 #undef TILE
@@ -259,6 +265,7 @@ TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t r
 #define MATMUL_BLOCK_BODY(TILE_ANY, BIG)                                                          \
     size_t rb = w->rb;                                                                            \
     int64_t cols = w->cols;                                                                       \
+    int stream = t1 - t0 <= 4; /* one token group: each row is read once, from DRAM */            \
     int64_t rowblk = (int64_t)((256 * 1024) / (rb ? rb : 1)) / 4 * 4;                              \
     if (rowblk < 4)                                                                               \
         rowblk = 4;                                                                               \
@@ -277,16 +284,16 @@ TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t r
                 const char *row = w->data + (size_t)r * rb;                                       \
                 float out[16];                                                                    \
                 if (rg == 8) {                                                                    \
-                    TILE_ANY(type, row, rb, cols, xs, out, 8, 1);                                 \
+                    TILE_ANY(type, row, rb, cols, xs, out, 8, 1, stream);                              \
                 } else if (rg == 4) {                                                             \
                     if (nt >= 3 && !(BIG)) {                                                      \
-                        TILE_ANY(type, row, rb, cols, xs, out, 2, nt);                            \
-                        TILE_ANY(type, row + 2 * rb, rb, cols, xs, out + 2 * nt, 2, nt);          \
+                        TILE_ANY(type, row, rb, cols, xs, out, 2, nt, stream);                         \
+                        TILE_ANY(type, row + 2 * rb, rb, cols, xs, out + 2 * nt, 2, nt, stream);       \
                     } else {                                                                      \
-                        TILE_ANY(type, row, rb, cols, xs, out, 4, nt);                            \
+                        TILE_ANY(type, row, rb, cols, xs, out, 4, nt, stream);                         \
                     }                                                                             \
                 } else {                                                                          \
-                    TILE_ANY(type, row, rb, cols, xs, out, 1, nt);                                \
+                    TILE_ANY(type, row, rb, cols, xs, out, 1, nt, stream);                             \
                 }                                                                                 \
                 for (int i = 0; i < nt; i++)                                                      \
                     for (int k = 0; k < rg; k++)                                                  \
@@ -675,7 +682,9 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
 }
 
 TIDE_AVX512 TIDE_INLINE void tile_any_avx512(int32_t type, const char *row, size_t rb, int64_t cols,
-                                             const float *const *xs, float *out, int R, int T) {
+                                             const float *const *xs, float *out, int R, int T,
+                                             int stream) {
+    (void)stream;   /* its tiles prefetch a few blocks ahead per row */
 #define TILE(r_, t_) \
     if (R == r_ && T == t_) { tile_avx512(type, row, rb, cols, xs, out, r_, t_); return; }
     TILE(4, 4) TILE(4, 3) TILE(4, 2) TILE(4, 1)
