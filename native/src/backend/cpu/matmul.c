@@ -169,8 +169,9 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         for (int64_t blk = 0; blk < nb; blk++) {
             const uint8_t *bp[8];
             prefetch_share(next, next_lines, nb, blk);
+            int ahead = next_lines ? 0 : 2;   /* not streaming: lines of each row's own blocks */
             for (int r = 0; r < R; r++)
-                bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, 0, 1, D[r], M[r]);
+                bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 1, D[r], M[r]);
             for (int w0 = 0; w0 < QB; w0 += 16) {
                 __m128i q[8];
                 for (int r = 0; r < R; r++)
@@ -200,6 +201,8 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
             for (int r = 0; r < R; r++) {
                 bp[r] = (const tide_block_q8_0 *)(row + r * rb) + blk;
                 d[r] = _mm256_set1_ps(_cvtsh_ss(bp[r]->d));
+                if (!next_lines)   /* not streaming: ~1 KiB ahead in each row */
+                    _mm_prefetch((const char *)(bp[r] + 32), _MM_HINT_T0);
             }
             for (int sub = 0; sub < 4; sub++) {
                 __m256 wv[8];
