@@ -1,5 +1,6 @@
-"""The shipped demo model (models/tide-demo.gguf) answers fixed questions through the engine,
-and every residency policy and budget gives the same answer (models/demo/README.md)."""
+"""The shipped demo model (models/tide-demo.gguf) answers fixed questions through the engine, alone
+and as the turns of one chat, and every residency policy and budget gives the same answer
+(models/demo/README.md)."""
 
 import os
 import re
@@ -29,8 +30,12 @@ def demo_model(**kw):
     return Model(DEMO, **kw)
 
 
-def _ask(m, question):
-    r = m.create_chat_completion(messages=[{"role": "user", "content": question}], **GEN)
+def _ask(m, question, history=()):
+    """The answer to question after the earlier (question, answer) turns of the chat."""
+    messages = []
+    for q, a in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    r = m.create_chat_completion(messages=messages + [{"role": "user", "content": question}], **GEN)
     return r["choices"][0]["message"]["content"]
 
 
@@ -45,6 +50,21 @@ def test_demo_answers_fixed_questions():
             # the answer restates the question's numbers and gives the result, nothing else
             assert _numbers(got) == sorted(_numbers(q) + [want]), (q, got)
             assert got.endswith("."), (q, got)   # one sentence, stopped at EOS
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_demo_holds_a_conversation(order):
+    """Four questions as one chat (3 earlier turns: the range the demo was trained on), after
+    the model's own answers: each is answered right, with the sentence it gets alone. (The
+    model trained on single questions answered every second question with ".".)"""
+    chat = list(QUESTIONS)[::order][:4]
+    with demo_model(device="cpu", policy="cpu") as m:
+        history = []
+        for q in chat:
+            got = _ask(m, q, history)
+            assert _numbers(got) == sorted(_numbers(q) + [QUESTIONS[q]]), (len(history) + 1, q, got)
+            assert got == _ask(m, q), (q, got)     # the same sentence as asked alone
+            history.append((q, got))
 
 
 def test_demo_known_sentence():

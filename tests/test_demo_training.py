@@ -1,5 +1,7 @@
-"""The demo trainer's batched MoE layer (models/demo/moe_batched.py) computes reference.moe:
-same routing, same outputs, same gradients, same expert loads (models/demo/README.md)."""
+"""The demo trainer computes tests/reference.py's model (models/demo/README.md): its batched MoE
+layer (moe_batched.py) gives reference.moe's routing, outputs, gradients and expert loads, with
+the expert weights stacked or not; its packed forward (packed.py) gives reference.forward's
+logits and gradients for every sequence of a row; its batches are what the objective says."""
 
 import os
 import sys
@@ -13,14 +15,27 @@ sys.path.insert(0, os.path.join(ROOT, "models", "demo"))
 
 import hf_checkpoint as hfc  # noqa: E402
 import moe_batched  # noqa: E402
+import packed  # noqa: E402
 import reference  # noqa: E402
 
 
+def _weights(cfg, seed, stacked):
+    """f32 leaves by HF name; with stacked, the experts as moe_batched.stack_experts keeps them
+    (the HF names then views). Returns (w, the leaves)."""
+    w = {k: v.float() for k, v in hfc.random_weights(cfg, seed=seed).items()}
+    keys = moe_batched.stack_experts(cfg, w, requires_grad=True) if stacked else []
+    leaves = {k: v for k, v in w.items()
+              if "bias" not in k and (".experts." not in k or not stacked or k in keys)}
+    for v in leaves.values():
+        v.requires_grad_()
+    return w, leaves
+
+
+@pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_batched_moe_equals_reference(seed):
+def test_batched_moe_equals_reference(seed, stacked):
     cfg = hfc.SHAPES["base"]
-    w = hfc.random_weights(cfg, seed=seed)
-    w = {k: v.float().requires_grad_() for k, v in w.items()}
+    w, leaves = _weights(cfg, seed, stacked)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 17, cfg["hidden_size"], generator=g, requires_grad=True)
     layer = f"model.layers.{cfg['first_k_dense_replace']}."
@@ -30,7 +45,7 @@ def test_batched_moe_equals_reference(seed):
     assert hits == hits_ref
     assert len(hits) > 1                                   # several experts really used
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    inputs = [x] + [v for k, v in w.items() if k.startswith(layer) and "bias" not in k]
+    inputs = [x] + [v for k, v in leaves.items() if k.startswith(layer)]
     probe = torch.randn(want.shape, generator=g)
     g_want = torch.autograd.grad((want * probe).sum(), inputs, allow_unused=True)
     g_got = torch.autograd.grad((got * probe).sum(), inputs, allow_unused=True)
@@ -38,6 +53,99 @@ def test_batched_moe_equals_reference(seed):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def _packed_rows(cfg, lengths, row_len, seed):
+    """Random token sequences of the given lengths packed into rows: (sequences, ids, seg, pos)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, cfg["vocab_size"], (n,), generator=g) for n in lengths]
+    place, rows = packed.pack(lengths, row_len)
+    ids = torch.zeros((rows, row_len), dtype=torch.long)
+    seg = torch.full((rows, row_len), -1, dtype=torch.long)
+    pos = torch.zeros((rows, row_len), dtype=torch.long)
+    for i, (s, (r, off)) in enumerate(zip(seqs, place)):
+        ids[r, off:off + len(s)], seg[r, off:off + len(s)] = s, i
+        pos[r, off:off + len(s)] = torch.arange(len(s))
+    return seqs, ids, seg, pos
+
+
+def test_pack_places_every_sequence_once_within_a_row():
+    lengths = [32, 16, 64, 48, 16, 32, 32, 64, 16]
+    place, rows = packed.pack(lengths, 64)
+    used = {}
+    for n, (r, off) in zip(lengths, place):
+        assert 0 <= off and off + n <= 64
+        for c in range(off, off + n):
+            assert (r, c) not in used                      # no two sequences overlap
+            used[r, c] = True
+    assert rows == (sum(lengths) + 63) // 64               # these lengths pack without a gap
+    with pytest.raises(ValueError, match="65 tokens"):
+        packed.pack([32, 65], 64)
+
+
+@pytest.mark.parametrize("block_length", [16, 32])
+def test_packed_forward_equals_reference_per_sequence(block_length):
+    """Each sequence of a packed row gets reference.forward's logits on that sequence alone, and
+    the weights the same gradients; padding tokens change nothing."""
+    cfg = hfc.SHAPES["base"]
+    w, leaves = _weights(cfg, 3, stacked=True)
+    B = block_length
+    seqs, ids, seg, pos = _packed_rows(cfg, [2 * B, B, 3 * B, B, 2 * B], 4 * B, seed=4)
+    assert (seg == -1).any()                               # some padding in the rows
+    logits = packed.forward(cfg, w, ids, seg, pos, B)
+    g = torch.Generator().manual_seed(5)
+    probe = torch.randn(logits.shape, generator=g)
+    want_loss = 0
+    for i, s in enumerate(seqs):
+        at = seg == i
+        want = reference.forward(cfg, w, s, B)
+        torch.testing.assert_close(logits[at], want, rtol=1e-5, atol=1e-5)
+        want_loss = want_loss + (want * probe[at]).sum()
+    got_loss = sum((logits[seg == i] * probe[seg == i]).sum() for i in range(len(seqs)))
+    names = sorted(leaves)
+    g_want = torch.autograd.grad(want_loss, [leaves[k] for k in names], allow_unused=True)
+    g_got = torch.autograd.grad(got_loss, [leaves[k] for k in names], allow_unused=True)
+    for k, a, b in zip(names, g_want, g_got):
+        assert (a is None) == (b is None), k
+        if a is not None:
+            # float sums in another order over ~100 tokens: within 1e-5 of the gradient's scale
+            assert (b - a).abs().max() <= 1e-5 * a.abs().max() + 1e-6, k
+    # `at`: only the chosen tokens' logits, the same values
+    at = (pos % 3 == 0) & (seg >= 0)
+    torch.testing.assert_close(packed.forward(cfg, w, ids, seg, pos, B, at=at), logits[at].detach(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_training_batch_noises_only_the_answer_of_each_noised_block():
+    """Every packed sequence starts at position 0, ends at the end of its noised block (a block
+    holding answer tokens), and only answer tokens of that block are masked."""
+    import data
+    import train
+    from tokenizer import build_tokenizer
+    from tokenizers import Tokenizer
+
+    cfg = hfc.make_config(**train.CONFIG)
+    tok = Tokenizer.from_str(build_tokenizer(cfg["vocab_size"])[0])
+    saved = data.HISTORY_WEIGHTS
+    data.HISTORY_WEIGHTS = (0.5, 0.2, 0.2, 0.1)
+    try:
+        batcher = train.Batcher(tok, cfg, 12, seed=3, chat_batch_size=6)
+        batches = [batcher.next() for _ in range(6)]
+    finally:
+        data.HISTORY_WEIGHTS = saved
+    role_end = tok.token_to_id("<|role_end|>")
+    for x, seg, pos, labels, noise, answer, p_mask, B in batches:
+        assert noise.any() and not (noise & ~answer).any()
+        assert (x[noise] == batcher.mask).all() and (x[~noise] == labels[~noise]).all()
+        for i in range(int(seg.max()) + 1):
+            at = seg == i
+            n = int(at.sum())
+            assert n % B == 0 and pos[at].tolist() == list(range(n))
+            a = answer[at]
+            assert a[:n - B].sum() == 0 and a[n - B:].any()   # answer tokens in the last block only
+            first = int(a.nonzero()[0, 0])
+            assert labels[at][first - 1] == tok.token_to_id("</role>") or first == n - B
+            assert role_end in labels[at][:first].tolist()    # the question precedes the answer
 
 
 def _conversations():

@@ -1,14 +1,17 @@
 """Train the demo model: LLaDA2.0's architecture, LLaDA2.0's masked block-diffusion objective.
 
-    python models/demo/train.py --fresh                   # the recipe: one run, ~45 min, 2 cores
+    python models/demo/train.py --fresh                   # the recipe: one run, < 1 h, 2 cores
     python models/demo/train.py                           # resume from work/state.pt
     python models/demo/train.py --export-only             # write the HF checkpoint from state
     python -m tide_cpp.convert models/demo/work/hf -o models/tide-demo.gguf --outtype bf16
     models/demo/reproduce.sh                              # the shipped model, train + convert
 
-The forward pass is tests/reference.py's (the engine's oracle), with its MoE layer computed as
-grouped matmuls (moe_batched.py: the same routing and products, checked against reference.moe),
-so the model is trained by exactly the architecture the engine runs. Objective, per sequence:
+The forward pass is tests/reference.py's (the engine's oracle) over packed rows (packed.py: each
+sequence cut at the end of its noised block, several per row, attending only within themselves),
+with its MoE layer computed as grouped matmuls (moe_batched.py: the same routing and products),
+both checked against the reference, so the model is trained by exactly the architecture the
+engine runs. Conversations of 1-4 turns (--history): the earlier turns are correct questions
+and answers, and the last answer is the one learned. Objective, per sequence:
 one block b that holds answer tokens is the noised block; the blocks before it are clean (as the
 engine's cache of committed blocks), the blocks after it are invisible to it under the
 block-causal mask. t ~ U(0, 1), each answer token of block b is replaced by <|mask|> with
@@ -27,8 +30,10 @@ import argparse
 import json
 import math
 import os
+import queue
 import random
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import hf_checkpoint as hfc  # noqa: E402
 import moe_batched  # noqa: E402
+import packed  # noqa: E402
 import reference  # noqa: E402
 from data import chat_text, history_turns, sample_chat  # noqa: E402
 from tokenizer import build_tokenizer  # noqa: E402
@@ -74,6 +80,7 @@ CONFIG = dict(
     partial_rotary_factor=0.5,
 )
 BLOCK_LENGTHS = (16, 32)
+ROW_LENGTH = 64      # packed rows (packed.py): two blocks of 32; a longer sequence gets its own
 
 
 def init_weights(cfg, seed):
@@ -116,7 +123,8 @@ reference.moe = _moe_recording
 
 
 class Batcher:
-    """Deterministic stream of (ids, labels, noise positions, answer positions, block_length)."""
+    """Deterministic stream of packed batches (packed.py): each sequence cut at the end of its
+    noised block, the pieces packed into rows of ROW_LENGTH tokens."""
 
     def __init__(self, tokenizer, cfg, batch_size, seed, chat_batch_size=None):
         self.tok = tokenizer
@@ -142,27 +150,55 @@ class Batcher:
             seq += [self.eos] * (-len(seq) % B)           # EOS to the end of the last block
             first, last = len(p) // B, len(seq) // B - 1     # blocks that hold answer tokens
             b = self.rng.randint(first, last)
-            seqs.append((seq, len(p), b))
-        T = max((b + 1) * B for _, _, b in seqs)
-        x = torch.full((bs, T), self.eos, dtype=torch.long)
-        answer = torch.zeros((bs, T), dtype=torch.bool)
-        for i, (seq, plen, b) in enumerate(seqs):
-            n = min(len(seq), T)
-            x[i, :n] = torch.tensor(seq[:n])
-            lo, hi = max(b * B, plen), (b + 1) * B
-            answer[i, lo:hi] = True                        # answer tokens of the noised block
-        t = torch.rand(bs, 1, generator=self.g)
-        p_mask = (1 - eps) * t + eps
-        noise = (torch.rand(bs, T, generator=self.g) < p_mask) & answer
+            seqs.append((seq[:(b + 1) * B], len(p)))       # nothing after the noised block
+        lengths = [len(seq) for seq, _ in seqs]
+        L = max([ROW_LENGTH] + lengths)
+        place, rows = packed.pack(lengths, L)
+        x = torch.full((rows, L), self.eos, dtype=torch.long)
+        seg = torch.full((rows, L), -1, dtype=torch.long)   # padding: a sequence of its own
+        pos = torch.zeros((rows, L), dtype=torch.long)
+        answer = torch.zeros((rows, L), dtype=torch.bool)
+        p_mask = torch.ones((rows, L))
+        t = torch.rand(bs, generator=self.g)
+        for i, ((seq, plen), (r, off)) in enumerate(zip(seqs, place)):
+            n = len(seq)
+            x[r, off:off + n] = torch.tensor(seq)
+            seg[r, off:off + n] = i
+            pos[r, off:off + n] = torch.arange(n)
+            answer[r, off + max(n - B, plen):off + n] = True   # answer tokens of the noised block
+            p_mask[r, off:off + n] = (1 - eps) * t[i] + eps
+        noise = (torch.rand(rows, L, generator=self.g) < p_mask) & answer
         labels = x.clone()
         x = x.masked_fill(noise, self.mask)
-        return x, labels, noise, answer, p_mask, B
+        return x, seg, pos, labels, noise, answer, p_mask, B
 
 
-def loss_fn(cfg, w, x, labels, noise, answer, p_mask, B):
-    logits = reference.forward(cfg, w, x, B)
-    ce = F.cross_entropy(logits[noise], labels[noise], reduction="none")
-    weight = (1.0 / p_mask).expand_as(noise)[noise]
+class Prefetcher:
+    """A Batcher's batches made ahead on a thread: the tokenizer and the packing (Python, ~5% of
+    a step) run while torch computes the step before, on the time its threads leave idle. The
+    same batches in the same order. `state` is the stream's state after the last batch taken,
+    what a resumed run must start from."""
+
+    def __init__(self, batcher, depth=2):
+        self.batcher = batcher
+        self.state = (batcher.rng.getstate(), batcher.g.get_state())
+        self.queue = queue.Queue(depth)
+        threading.Thread(target=self._produce, daemon=True).start()
+
+    def _produce(self):
+        while True:
+            batch = self.batcher.next()
+            self.queue.put((batch, (self.batcher.rng.getstate(), self.batcher.g.get_state())))
+
+    def next(self):
+        batch, self.state = self.queue.get()
+        return batch
+
+
+def loss_fn(cfg, w, x, seg, pos, labels, noise, answer, p_mask, B):
+    logits = packed.forward(cfg, w, x, seg, pos, B, at=noise)     # the masked tokens' only
+    ce = F.cross_entropy(logits, labels[noise], reduction="none")
+    weight = p_mask[noise].reciprocal()
     return (ce * weight).sum() / answer.sum().clamp(min=1), (ce.detach().mean() if len(ce) else
                                                               torch.tensor(0.0))
 
@@ -191,7 +227,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=150)
-    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=2000)
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--work", default=WORK)
     ap.add_argument("--fresh", action="store_true", help="ignore a saved state")
@@ -205,7 +241,7 @@ def main(argv=None):
                     help="fraction of additions/subtractions with small operands (data.CURRICULUM)")
     ap.add_argument("--answers", choices=("fixed", "varied"), default="fixed",
                     help="answer sentence patterns (data.ANSWER_STYLE)")
-    ap.add_argument("--history", default="1",
+    ap.add_argument("--history", default="0.8,0.05,0.05,0.1",
                     help="comma-separated weights of 0, 1, 2, ... earlier chat turns before the "
                     "question, drawn per batch (data.HISTORY_WEIGHTS); '1': single-turn only")
     ap.add_argument("--chat-batch-size", type=int, default=24,
@@ -235,12 +271,14 @@ def main(argv=None):
     tok = Tokenizer.from_str(tok_json)
 
     w = init_weights(cfg, args.seed)
-    params = {k: v.requires_grad_() for k, v in w.items() if not k.endswith("expert_bias")}
-    decay = [v for k, v in params.items() if v.dim() == 2]
+    stacked = moe_batched.stack_experts(cfg, w, requires_grad=True)    # the expert names become views of these
+    params = {k: v.requires_grad_() for k, v in w.items()
+              if not k.endswith("expert_bias") and (".experts." not in k or k in stacked)}
+    decay = [v for k, v in params.items() if v.dim() >= 2]
     no_decay = [v for k, v in params.items() if v.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8, foreach=True)
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8, fused=True)
     batcher = Batcher(tok, cfg, args.batch_size, args.seed, args.chat_batch_size)
     step = 0
     log = []
@@ -265,7 +303,7 @@ def main(argv=None):
 
     def save():
         torch.save({"w": {k: v.detach().clone() for k, v in w.items()}, "opt": opt.state_dict(),
-                    "rng": batcher.rng.getstate(), "g": batcher.g.get_state(), "step": step,
+                    "rng": batches.state[0], "g": batches.state[1], "step": step,
                     "log": log, "config": cfg}, state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
 
@@ -291,6 +329,7 @@ def main(argv=None):
         print("wrote", out)
         return 0
 
+    batches = Prefetcher(batcher)            # after a resume has set the stream's state
     moe_prefixes = [f"model.layers.{n}." for n in range(cfg["first_k_dense_replace"],
                                                          cfg["num_hidden_layers"])]
     E = cfg["num_experts"]
@@ -301,8 +340,8 @@ def main(argv=None):
             0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps))))
         for gp in opt.param_groups:
             gp["lr"] = lr
-        x, labels, noise, answer, p_mask, B = batcher.next()
-        loss, ce = loss_fn(cfg, w, x, labels, noise, answer, p_mask, B)
+        x, seg, pos, labels, noise, answer, p_mask, B = batches.next()
+        loss, ce = loss_fn(cfg, w, x, seg, pos, labels, noise, answer, p_mask, B)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0, foreach=True)

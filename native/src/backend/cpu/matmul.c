@@ -172,19 +172,19 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
             int ahead = next_lines ? 0 : 2;   /* not streaming: lines of each row's own blocks */
             for (int r = 0; r < R; r++)
                 bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 1, D[r], M[r]);
+            /* row by row: one row's 16 values decoded and used for every token at once, so
+             * only the accumulators and a few temporaries are live (decoding all R rows first,
+             * then the FMAs, kept 8 rows' quants and values at once and spilled most of them);
+             * the x chunks are reloaded per row from L1. Per (row, token) the same chunk order. */
             for (int w0 = 0; w0 < QB; w0 += 16) {
-                __m128i q[8];
-                for (int r = 0; r < R; r++)
-                    q[r] = dec_quants16(type, bp[r], w0);
-                for (int half = 0; half < 2; half++) {
-                    __m256 wv[8];
-                    for (int r = 0; r < R; r++)
-                        wv[r] = dec_values8(type, half ? _mm_srli_si128(q[r], 8) : q[r], D[r], M[r], w0);
-                    int64_t col = blk * QB + w0 + 8 * half;
+                const int64_t col = blk * QB + w0;
+                for (int r = 0; r < R; r++) {
+                    __m128i q = dec_quants16(type, bp[r], w0);
+                    __m256 lo = dec_values8(type, q, D[r], M[r], w0);
+                    __m256 hi = dec_values8(type, _mm_srli_si128(q, 8), D[r], M[r], w0);
                     for (int t = 0; t < T; t++) {
-                        __m256 xv = _mm256_loadu_ps(xs[t] + col);
-                        for (int r = 0; r < R; r++)
-                            acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+                        acc[r][t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs[t] + col), acc[r][t]);
+                        acc[r][t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs[t] + col + 8), acc[r][t]);
                     }
                 }
             }

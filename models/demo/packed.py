@@ -1,0 +1,101 @@
+"""The trainer's forward pass over packed rows: tests/reference.py's model, several sequences per row.
+
+A training sequence is useful only up to the end of its noised block: blocks after it are
+invisible to it (block-causal) and carry no loss. Padding every sequence of a batch to the longest
+one computed a third of a step's tokens for nothing. Here each sequence is cut at the end of its
+noised block and the pieces are packed into rows of a fixed length; a token attends only to its
+own sequence, block-causally, with positions counted from that sequence's start. So per sequence
+this is reference.forward on that sequence alone (tests/test_demo_training.py checks the logits
+and gradients); only the order of float additions differs.
+
+Attention is one scaled_dot_product_attention call per layer (GQA without copying the K/V heads),
+the RoPE angles are computed once per forward instead of twice per layer, and the MoE layers go
+through reference.moe (which train.py points at moe_batched's grouped matmuls).
+"""
+
+import torch
+import torch.nn.functional as F
+
+import reference
+
+
+def pack(lengths, row_len):
+    """First-fit decreasing: [(row, offset)] per sequence, and the row count. Every length must be
+    at most row_len."""
+    if max(lengths) > row_len:
+        raise ValueError(f"a sequence of {max(lengths)} tokens does not fit a row of {row_len}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    free, place = [], [None] * len(lengths)
+    for i in order:
+        for r, room in enumerate(free):
+            if room >= lengths[i]:
+                break
+        else:
+            r = len(free)
+            free.append(row_len)
+        place[i] = (r, row_len - free[r])
+        free[r] -= lengths[i]
+    return place, len(free)
+
+
+def packed_mask(seg, pos, block_length):
+    """[rows, 1, L, L] bool: key j visible to query i when both are of one sequence and j's block
+    is not after i's (reference.block_causal_mask within each sequence)."""
+    blk = pos // block_length
+    same = seg[:, :, None] == seg[:, None, :]
+    return (same & (blk[:, None, :] <= blk[:, :, None])).unsqueeze(1)
+
+
+def rope_tables(pos, rope_dim, theta):
+    """cos and sin [rows, L, 1, rope_dim] of reference.rope's angles at positions pos [rows, L]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+    freqs = pos.float()[..., None] * inv_freq
+    angles = torch.cat([freqs, freqs], -1)[:, :, None, :]
+    return angles.cos(), angles.sin()
+
+
+def rope(x, cos, sin, rope_dim):
+    """reference.rope with precomputed tables. x: [rows, L, heads, hd]."""
+    half = rope_dim // 2
+    xr, xp = x[..., :rope_dim], x[..., rope_dim:]
+    rotated = torch.cat([-xr[..., half:], xr[..., :half]], -1)
+    return torch.cat([xr * cos + rotated * sin, xp], -1)
+
+
+def attention(cfg, w, prefix, x, cos, sin, mask):
+    """reference.attention on packed rows."""
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
+    rope_dim = cos.shape[-1]
+    eps = cfg["rms_norm_eps"]
+    qkv = x @ w[prefix + "attention.query_key_value.weight"].T
+    q, k, v = qkv.view(*x.shape[:-1], nh + 2 * nkv, hd).split([nh, nkv, nkv], dim=-2)
+    if cfg.get("use_qk_norm", True):
+        q = reference.rmsnorm(q, w[prefix + "attention.query_layernorm.weight"], eps)
+        k = reference.rmsnorm(k, w[prefix + "attention.key_layernorm.weight"], eps)
+    q, k = rope(q, cos, sin, rope_dim), rope(k, cos, sin, rope_dim)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # [rows, heads, L, hd]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    out = out.transpose(1, 2).reshape(*x.shape[:-1], nh * hd)
+    return out @ w[prefix + "attention.dense.weight"].T
+
+
+def forward(cfg, w, ids, seg, pos, block_length, at=None):
+    """Logits [rows, L, vocab] of packed rows: ids, seg (sequence of each token), pos (its
+    position in that sequence), all [rows, L]. With a bool mask `at` [rows, L]: only the logits
+    of those tokens, [n, vocab] (the output projection of the others is never needed)."""
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    rope_dim = int(hd * cfg.get("partial_rotary_factor", 1.0))
+    cos, sin = rope_tables(pos, rope_dim, cfg["rope_theta"])
+    mask = packed_mask(seg, pos, block_length)
+    eps = cfg["rms_norm_eps"]
+    x = w["model.word_embeddings.weight"][ids]
+    first_moe = cfg.get("first_k_dense_replace", 0)
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        x = x + attention(cfg, w, p, reference.rmsnorm(x, w[p + "input_layernorm.weight"], eps),
+                          cos, sin, mask)
+        h = reference.rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps)
+        x = x + (reference.mlp(h, w, p + "mlp.") if n < first_moe else reference.moe(cfg, w, p, h))
+    x = reference.rmsnorm(x if at is None else x[at], w["model.norm.weight"], eps)
+    return x @ w["lm_head.weight"].T
