@@ -180,3 +180,24 @@ def test_training_chats_render_as_the_engine_renders_them():
         full = trainer_tok.encode(data.chat_text(q, a, history)).ids
         assert full[:len(trainer_tok.encode(text).ids)] == trainer_tok.encode(text).ids
     assert text.count("<role>HUMAN</role>") == 4 and text.count("<|role_end|>") == 7
+
+
+def test_prefetched_batches_are_the_stream_and_resume_exactly():
+    """The trainer's Prefetcher gives the Batcher's batches in order, and its saved state starts
+    a new Batcher at the next batch (a resumed run sees the batches an unbroken one would)."""
+    import train
+    from tokenizer import build_tokenizer
+    from tokenizers import Tokenizer
+
+    cfg = hfc.make_config(**train.CONFIG)
+    tok = Tokenizer.from_str(build_tokenizer(cfg["vocab_size"])[0])
+    plain = train.Batcher(tok, cfg, 8, seed=5)
+    want = [plain.next() for _ in range(4)]
+    ahead = train.Prefetcher(train.Batcher(tok, cfg, 8, seed=5))
+    got = [ahead.next() for _ in range(3)]
+    resumed = train.Batcher(tok, cfg, 8, seed=99)
+    resumed.rng.setstate(ahead.state[0])
+    resumed.g.set_state(ahead.state[1])
+    got.append(resumed.next())
+    for a, b in zip(want, got):
+        assert a[-1] == b[-1] and all(torch.equal(x, y) for x, y in zip(a[:-1], b[:-1]))

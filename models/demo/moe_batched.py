@@ -61,7 +61,8 @@ def moe(cfg, w, prefix, x, hits=None):
     rows = flat[token]                                                   # pairs, grouped by expert
     gate_up = w.get(stacked_key(prefix, "gate_up"))
     if gate_up is None:
-        gate_up = torch.cat([_stacked(w, prefix, E, "gate_proj"), _stacked(w, prefix, E, "up_proj")], 1)
+        gate_up = torch.cat([_stacked(w, prefix, E, "gate_proj"),
+                             _stacked(w, prefix, E, "up_proj")], 1)
     down = w.get(stacked_key(prefix, "down"))
     if down is None:
         down = _stacked(w, prefix, E, "down_proj")

@@ -1,4 +1,4 @@
-"""The trainer's forward pass over packed rows: tests/reference.py's model, several sequences per row.
+"""The trainer's forward pass: tests/reference.py's model over rows of several packed sequences.
 
 A training sequence is useful only up to the end of its noised block: blocks after it are
 invisible to it (block-causal) and carry no loss. Padding every sequence of a batch to the longest

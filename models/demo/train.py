@@ -116,9 +116,6 @@ def _moe_recording(cfg, w, prefix, x, hits=None):
     return out
 
 
-reference.moe = _moe_recording
-
-
 # ---- batches --------------------------------------------------------------------------------------
 
 
@@ -260,6 +257,7 @@ def main(argv=None):
         ap.error(f"--history {args.history!r}: expected comma-separated numbers")
     if min(data.HISTORY_WEIGHTS) < 0 or sum(data.HISTORY_WEIGHTS) <= 0:
         ap.error(f"--history {args.history!r}: weights must be >= 0 with a positive sum")
+    reference.moe = _moe_recording     # here, not at import: tests import this module
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)   # index_put accumulate (embedding grads) etc.
     torch.manual_seed(args.seed)
@@ -271,7 +269,8 @@ def main(argv=None):
     tok = Tokenizer.from_str(tok_json)
 
     w = init_weights(cfg, args.seed)
-    stacked = moe_batched.stack_experts(cfg, w, requires_grad=True)    # the expert names become views of these
+    # the experts as one tensor per layer and role; their HF names become views of them
+    stacked = moe_batched.stack_experts(cfg, w, requires_grad=True)
     params = {k: v.requires_grad_() for k, v in w.items()
               if not k.endswith("expert_bias") and (".experts." not in k or k in stacked)}
     decay = [v for k, v in params.items() if v.dim() >= 2]
