@@ -64,16 +64,25 @@ def rmsnorm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
 
 
-def rope(x, pos, rope_dim, theta):
-    """NeoX-style rotation of the first rope_dim dims of each head. x: [..., T, heads, hd]."""
-    half = rope_dim // 2
+def rope_tables(pos, rope_dim, theta):
+    """cos and sin [..., 1, rope_dim] of the NeoX angles at positions pos [...]."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
-    freqs = pos.float()[:, None] * inv_freq[None, :]            # [T, half]
-    cos = torch.cat([freqs, freqs], -1).cos()[:, None, :]       # [T, 1, rope_dim]
-    sin = torch.cat([freqs, freqs], -1).sin()[:, None, :]
+    freqs = pos.float()[..., None] * inv_freq
+    angles = torch.cat([freqs, freqs], -1)[..., None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin, rope_dim):
+    """NeoX-style rotation of the first rope_dim dims of each head by rope_tables' cos and sin."""
+    half = rope_dim // 2
     xr, xp = x[..., :rope_dim], x[..., rope_dim:]
     rotated = torch.cat([-xr[..., half:], xr[..., :half]], -1)
     return torch.cat([xr * cos + rotated * sin, xp], -1)
+
+
+def rope(x, pos, rope_dim, theta):
+    """NeoX-style rotation of the first rope_dim dims of each head. x: [..., T, heads, hd]."""
+    return apply_rope(x, *rope_tables(pos, rope_dim, theta), rope_dim)
 
 
 def block_causal_mask(T, block_length):

@@ -4,11 +4,14 @@ and as the turns of one chat, and every residency policy and budget gives the sa
 
 import os
 import re
+import sys
 
 import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DEMO = os.path.join(ROOT, "models", "tide-demo.gguf")
+sys.path.insert(0, os.path.join(ROOT, "models", "demo"))
+import data  # noqa: E402  (the demo's chat rendering: the messages its training chats were)
 
 # question -> the result the answer must give. The demo's generation settings: block 32,
 # 32 steps, threshold 0.95, greedy (the engine's defaults; make run passes the same).
@@ -32,10 +35,7 @@ def demo_model(**kw):
 
 def _ask(m, question, history=()):
     """The answer to question after the earlier (question, answer) turns of the chat."""
-    messages = []
-    for q, a in history:
-        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    r = m.create_chat_completion(messages=messages + [{"role": "user", "content": question}], **GEN)
+    r = m.create_chat_completion(messages=data.chat_messages(question, history), **GEN)
     return r["choices"][0]["message"]["content"]
 
 

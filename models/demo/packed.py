@@ -46,22 +46,6 @@ def packed_mask(seg, pos, block_length):
     return (same & (blk[:, None, :] <= blk[:, :, None])).unsqueeze(1)
 
 
-def rope_tables(pos, rope_dim, theta):
-    """cos and sin [rows, L, 1, rope_dim] of reference.rope's angles at positions pos [rows, L]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
-    freqs = pos.float()[..., None] * inv_freq
-    angles = torch.cat([freqs, freqs], -1)[:, :, None, :]
-    return angles.cos(), angles.sin()
-
-
-def rope(x, cos, sin, rope_dim):
-    """reference.rope with precomputed tables. x: [rows, L, heads, hd]."""
-    half = rope_dim // 2
-    xr, xp = x[..., :rope_dim], x[..., rope_dim:]
-    rotated = torch.cat([-xr[..., half:], xr[..., :half]], -1)
-    return torch.cat([xr * cos + rotated * sin, xp], -1)
-
-
 def attention(cfg, w, prefix, x, cos, sin, mask):
     """reference.attention on packed rows."""
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -73,7 +57,7 @@ def attention(cfg, w, prefix, x, cos, sin, mask):
     if cfg.get("use_qk_norm", True):
         q = reference.rmsnorm(q, w[prefix + "attention.query_layernorm.weight"], eps)
         k = reference.rmsnorm(k, w[prefix + "attention.key_layernorm.weight"], eps)
-    q, k = rope(q, cos, sin, rope_dim), rope(k, cos, sin, rope_dim)
+    q, k = reference.apply_rope(q, cos, sin, rope_dim), reference.apply_rope(k, cos, sin, rope_dim)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # [rows, heads, L, hd]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     out = out.transpose(1, 2).reshape(*x.shape[:-1], nh * hd)
@@ -86,7 +70,7 @@ def forward(cfg, w, ids, seg, pos, block_length, at=None):
     of those tokens, [n, vocab] (the output projection of the others is never needed)."""
     hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     rope_dim = int(hd * cfg.get("partial_rotary_factor", 1.0))
-    cos, sin = rope_tables(pos, rope_dim, cfg["rope_theta"])
+    cos, sin = reference.rope_tables(pos, rope_dim, cfg["rope_theta"])   # once, not per layer
     mask = packed_mask(seg, pos, block_length)
     eps = cfg["rms_norm_eps"]
     x = w["model.word_embeddings.weight"][ids]
