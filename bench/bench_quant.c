@@ -8,6 +8,7 @@
  *      -o /tmp/bench_quant
  *   /tmp/bench_quant [threads (default: all)] [working set MiB (default 768)] [rows n (default 1,32)]
  *                    [type name (default: all)]
+ * With more than one row, the output projection's shape is timed too (GFLOP/s is its figure).
  */
 #include "backend/cpu/kernels.h"
 #include "bench_common.h"
@@ -105,6 +106,10 @@ int main(int argc, char **argv) {
             /* LLaDA2.0-mini routed expert: gate/up [512 x 2048], down [2048 x 512] */
             bench(pool, "expert gate 512x2048", types[t], 512, 2048, set, ns[k], bw);
             bench(pool, "expert down 2048x512", types[t], 2048, 512, set, ns[k], bw);
+            /* the output projection (157184 x 2048; q6_k in a q4_k_m file) on all the rows of
+             * a step: the largest matmul of a many-token step, bound by its FMAs, not DRAM */
+            if (ns[k] > 1)
+                bench(pool, "lm_head 157184x2048", types[t], 157184, 2048, set, ns[k], bw);
         }
     tide_pool_free(pool);
     return 0;

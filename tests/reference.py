@@ -91,18 +91,26 @@ def block_causal_mask(T, block_length):
     return b[None, :] <= b[:, None]
 
 
+def qkv_heads(cfg, w, prefix, x):
+    """q, k, v [..., T, heads, head_dim] of the fused projection, q and k RMS-normed (QK-norm),
+    before RoPE."""
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
+    eps = cfg["rms_norm_eps"]
+    qkv = x @ w[prefix + "attention.query_key_value.weight"].float().T
+    qkv = qkv.view(*x.shape[:-1], nh + 2 * nkv, hd)
+    q, k, v = qkv.split([nh, nkv, nkv], dim=-2)
+    if cfg.get("use_qk_norm", True):
+        q = rmsnorm(q, w[prefix + "attention.query_layernorm.weight"], eps)
+        k = rmsnorm(k, w[prefix + "attention.key_layernorm.weight"], eps)
+    return q, k, v
+
+
 def attention(cfg, w, prefix, x, pos, mask):
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
     rope_dim = int(hd * cfg.get("partial_rotary_factor", 1.0))
-    eps = cfg["rms_norm_eps"]
-    T = x.shape[-2]
-    qkv = x @ w[prefix + "attention.query_key_value.weight"].float().T
-    qkv = qkv.view(*x.shape[:-1], nh + 2 * nkv, hd)
-    q, k, v = qkv.split([nh, nkv, nkv], dim=-2)                 # [..., T, heads, hd]
-    if cfg.get("use_qk_norm", True):
-        q = rmsnorm(q, w[prefix + "attention.query_layernorm.weight"], eps)
-        k = rmsnorm(k, w[prefix + "attention.key_layernorm.weight"], eps)
+    q, k, v = qkv_heads(cfg, w, prefix, x)                      # [..., T, heads, hd]
     q = rope(q, pos, rope_dim, cfg["rope_theta"])
     k = rope(k, pos, rope_dim, cfg["rope_theta"])
     rep = nh // nkv

@@ -54,10 +54,10 @@ def test_demo_answers_fixed_questions():
 
 @pytest.mark.parametrize("order", [1, -1])
 def test_demo_holds_a_conversation(order):
-    """Four questions as one chat (3 earlier turns: the range the demo was trained on), after
+    """Five questions as one chat (4 earlier turns: the range the demo was trained on), after
     the model's own answers: each is answered right, with the sentence it gets alone. (The
     model trained on single questions answered every second question with ".".)"""
-    chat = list(QUESTIONS)[::order][:4]
+    chat = list(QUESTIONS)[::order][:5]
     with demo_model(device="cpu", policy="cpu") as m:
         history = []
         for q in chat:
@@ -65,6 +65,15 @@ def test_demo_holds_a_conversation(order):
             assert _numbers(got) == sorted(_numbers(q) + [QUESTIONS[q]]), (len(history) + 1, q, got)
             assert got == _ask(m, q), (q, got)     # the same sentence as asked alone
             history.append((q, got))
+
+
+def test_demo_answers_a_question_after_another():
+    """The example of the chat bug: after the unit question, the subtraction used to get "."
+    (single-question model), then "12 minus 7 is 85." (the first chat-trained one)."""
+    with demo_model(device="cpu", policy="cpu") as m:
+        first = _ask(m, "How many minutes are in 3 hours?")
+        assert _ask(m, "What is 12 minus 7?", [("How many minutes are in 3 hours?", first)]) \
+            == "12 minus 7 is 5."
 
 
 def test_demo_known_sentence():

@@ -193,8 +193,8 @@ def test_prefetched_batches_are_the_stream_and_resume_exactly():
     tok = Tokenizer.from_str(build_tokenizer(cfg["vocab_size"])[0])
     plain = train.Batcher(tok, cfg, 8, seed=5)
     want = [plain.next() for _ in range(4)]
-    ahead = train.Prefetcher(train.Batcher(tok, cfg, 8, seed=5))
-    got = [ahead.next() for _ in range(3)]
+    with train.Prefetcher(train.Batcher(tok, cfg, 8, seed=5)) as ahead:
+        got = [ahead.next() for _ in range(3)]
     resumed = train.Batcher(tok, cfg, 8, seed=99)
     resumed.rng.setstate(ahead.state[0])
     resumed.g.set_state(ahead.state[1])

@@ -4,7 +4,7 @@
     python models/demo/evaluate.py models/tide-demo.gguf --policies   # every policy and budget
     python models/demo/evaluate.py --reference models/demo/work/hf    # PyTorch reference decode
 
-Through the engine it then asks the same questions as turns of chats (--chat-turns, default 4):
+Through the engine it then asks the same questions as turns of chats (--chat-turns, default 5):
 each question once at every position, after other held-out questions and the model's own
 answers to them, and reports the accuracy per position.
 
@@ -220,7 +220,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="host threads (default: all)")
     ap.add_argument("--policies", action="store_true",
                     help="run every policy/budget of POLICY_GRID and check the answers agree")
-    ap.add_argument("--chat-turns", type=int, default=4,
+    ap.add_argument("--chat-turns", type=int, default=5,
                     help="then ask the held-out questions as turns 1..N of chats whose earlier "
                     "turns are other held-out questions with the model's own answers, and report "
                     "the accuracy per turn (first policy only; 0: skip)")

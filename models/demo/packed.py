@@ -47,20 +47,14 @@ def packed_mask(seg, pos, block_length):
 
 
 def attention(cfg, w, prefix, x, cos, sin, mask):
-    """reference.attention on packed rows."""
-    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
+    """reference.attention on packed rows: its projections, RoPE from the forward's tables, and
+    the core as one SDPA call."""
     rope_dim = cos.shape[-1]
-    eps = cfg["rms_norm_eps"]
-    qkv = x @ w[prefix + "attention.query_key_value.weight"].T
-    q, k, v = qkv.view(*x.shape[:-1], nh + 2 * nkv, hd).split([nh, nkv, nkv], dim=-2)
-    if cfg.get("use_qk_norm", True):
-        q = reference.rmsnorm(q, w[prefix + "attention.query_layernorm.weight"], eps)
-        k = reference.rmsnorm(k, w[prefix + "attention.key_layernorm.weight"], eps)
+    q, k, v = reference.qkv_heads(cfg, w, prefix, x)
     q, k = reference.apply_rope(q, cos, sin, rope_dim), reference.apply_rope(k, cos, sin, rope_dim)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # [rows, heads, L, hd]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    out = out.transpose(1, 2).reshape(*x.shape[:-1], nh * hd)
+    out = out.transpose(1, 2).flatten(-2)
     return out @ w[prefix + "attention.dense.weight"].T
 
 

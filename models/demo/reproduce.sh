@@ -1,6 +1,6 @@
 #!/bin/sh
 # Rebuild models/tide-demo.gguf from nothing, exactly as it was built (models/demo/README.md):
-# one seeded training run with train.py's defaults (10000 steps; 48 min on a quiet 2-core
+# one seeded training run with train.py's defaults (11000 steps; 55 min on a quiet 2-core
 # machine), then the project's converter. The work folder (git-ignored) keeps state.pt,
 # train_log.json and the HF checkpoint hf/.
 set -e

@@ -10,7 +10,7 @@ The forward pass is tests/reference.py's (the engine's oracle) over packed rows 
 sequence cut at the end of its noised block, several per row, attending only within themselves),
 with its MoE layer computed as grouped matmuls (moe_batched.py: the same routing and products),
 both checked against the reference, so the model is trained by exactly the architecture the
-engine runs. Conversations of 1-4 turns (--history): the earlier turns are correct questions
+engine runs. Conversations of 1-5 questions (--history): the earlier turns are correct questions
 and answers, and the last answer is the one learned. Objective, per sequence:
 one block b that holds answer tokens is the noised block; the blocks before it are clean (as the
 engine's cache of committed blocks), the blocks after it are invisible to it under the
@@ -128,14 +128,20 @@ class Batcher:
         self.rng = random.Random(seed)
         self.g = torch.Generator().manual_seed(seed + 1)
         self.bs = batch_size
-        self.chat_bs = chat_batch_size or batch_size   # batches with earlier turns
+        self.chat_bs = chat_batch_size or batch_size   # batches with one earlier turn
         ids = hfc.special_token_ids(cfg["vocab_size"])
         self.eos, self.mask = ids["<|endoftext|>"], ids["<|mask|>"]
+
+    def batch_size(self, turns):
+        """Sequences in a batch whose chats have `turns` earlier turns. A turn adds about half a
+        single question's tokens, so chats of k turns get chat_bs * 3 / (k + 2) sequences: a
+        step costs about the same whatever k is (0.28-0.31 s on 2 cores, k = 0..4)."""
+        return self.bs if turns == 0 else max(1, round(self.chat_bs * 3 / (turns + 2)))
 
     def next(self, eps=1e-3):
         B = self.rng.choice(BLOCK_LENGTHS)
         turns = history_turns(self.rng)
-        bs = self.chat_bs if turns else self.bs
+        bs = self.batch_size(turns)
         chats = [sample_chat(self.rng, turns) for _ in range(bs)]
         prompts = self.tok.encode_batch([chat_text(q, None, h) for h, q, _ in chats])
         fulls = self.tok.encode_batch([chat_text(q, a, h) for h, q, a in chats])
@@ -180,16 +186,35 @@ class Prefetcher:
         self.batcher = batcher
         self.state = (batcher.rng.getstate(), batcher.g.get_state())
         self.queue = queue.Queue(depth)
-        threading.Thread(target=self._produce, daemon=True).start()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, daemon=True)
+        self.thread.start()
 
     def _produce(self):
-        while True:
-            batch = self.batcher.next()
-            self.queue.put((batch, (self.batcher.rng.getstate(), self.batcher.g.get_state())))
+        while not self.stop.is_set():
+            item = (self.batcher.next(), (self.batcher.rng.getstate(), self.batcher.g.get_state()))
+            while not self.stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
 
     def next(self):
         batch, self.state = self.queue.get()
         return batch
+
+    def close(self):
+        """Stop the thread and wait for it: a thread still inside torch when the interpreter
+        exits aborts the process ("terminate called without an active exception")."""
+        self.stop.set()
+        self.thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def loss_fn(cfg, w, x, seg, pos, labels, noise, answer, p_mask, B):
@@ -213,9 +238,22 @@ def export_hf(cfg, w, tok_json, tok_cfg, out_dir):
     return weights
 
 
+def _weights(ap, option, text, count=None):
+    """Comma-separated sampling weights of a command-line option, or an argparse error."""
+    try:
+        weights = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        ap.error(f"{option} {text!r}: expected comma-separated numbers")
+    if min(weights) < 0 or sum(weights) <= 0:
+        ap.error(f"{option} {text!r}: weights must be >= 0 with a positive sum")
+    if count is not None and len(weights) != count:
+        ap.error(f"{option} {text!r}: expected {count} weights, got {len(weights)}")
+    return weights
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10000)
+    ap.add_argument("--steps", type=int, default=11000)
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -238,12 +276,15 @@ def main(argv=None):
                     help="fraction of additions/subtractions with small operands (data.CURRICULUM)")
     ap.add_argument("--answers", choices=("fixed", "varied"), default="fixed",
                     help="answer sentence patterns (data.ANSWER_STYLE)")
-    ap.add_argument("--history", default="0.8,0.05,0.05,0.1",
+    ap.add_argument("--history", default="0.65,0.07,0.08,0.1,0.1",
                     help="comma-separated weights of 0, 1, 2, ... earlier chat turns before the "
                     "question, drawn per batch (data.HISTORY_WEIGHTS); '1': single-turn only")
     ap.add_argument("--chat-batch-size", type=int, default=24,
-                    help="sequences in a batch with earlier turns (2-4x longer: half the batch "
-                    "keeps the step time near a single-turn step's)")
+                    help="sequences in a batch with one earlier turn; fewer with more turns "
+                    "(Batcher.batch_size), so a chat step costs about what a single-turn one does")
+    ap.add_argument("--task-weights", default="0.32,0.40,0.06,0.06,0.16",
+                    help="training mix of the tasks add,sub,double,half,unit "
+                    "(data.TRAIN_TASK_WEIGHTS; the held-out set keeps data.TASK_WEIGHTS)")
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--bench", type=int, default=0, help="time N steps and exit")
     args = ap.parse_args(argv)
@@ -251,12 +292,8 @@ def main(argv=None):
     import data
     data.ANSWER_STYLE = args.answers
     data.CURRICULUM = args.curriculum
-    try:
-        data.HISTORY_WEIGHTS = tuple(float(x) for x in args.history.split(","))
-    except ValueError:
-        ap.error(f"--history {args.history!r}: expected comma-separated numbers")
-    if min(data.HISTORY_WEIGHTS) < 0 or sum(data.HISTORY_WEIGHTS) <= 0:
-        ap.error(f"--history {args.history!r}: weights must be >= 0 with a positive sum")
+    data.HISTORY_WEIGHTS = _weights(ap, "--history", args.history)
+    data.TRAIN_TASK_WEIGHTS = _weights(ap, "--task-weights", args.task_weights, len(data.TASKS))
     reference.moe = _moe_recording     # here, not at import: tests import this module
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)   # index_put accumulate (embedding grads) etc.
@@ -334,56 +371,59 @@ def main(argv=None):
     E = cfg["num_experts"]
     t_start, tok_count, last_print, step0 = time.time(), 0, time.time(), step
     steps_total = args.bench or min(args.steps, args.stop_at or args.steps)
-    while step < steps_total:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
-            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps))))
-        for gp in opt.param_groups:
-            gp["lr"] = lr
-        x, seg, pos, labels, noise, answer, p_mask, B = batches.next()
-        loss, ce = loss_fn(cfg, w, x, seg, pos, labels, noise, answer, p_mask, B)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0, foreach=True)
-        opt.step()
-        # aux-loss-free balancing of the router
-        imbalance = []
-        with torch.no_grad():
-            for p in moe_prefixes:
-                h = _LOADS.get(p + "mlp.", _LOADS.get(p, {}))
-                load = torch.zeros(E)
-                for e, c in h.items():
-                    load[e] = c
-                w[p + "mlp.gate.expert_bias"] += args.bias_rate * torch.sign(load.mean() - load)
-                imbalance.append((load.max() / load.mean().clamp(min=1e-9)).item())
-        step += 1
-        tok_count += x.numel()
-        log.append({"step": step, "loss": round(loss.item(), 4), "ce": round(ce.item(), 4),
-                    "B": B, "lr": lr, "max_load": round(max(imbalance), 2)})
-        now = time.time()
-        if now - last_print > 20 or step == steps_total:
-            last_print = now
-            el = now - t_start
-            recent = [r for r in log[-50:] if "loss" in r]
-            rl = sum(r["loss"] for r in recent) / len(recent)
-            rc = sum(r["ce"] for r in recent) / len(recent)
-            sps = el / max(1, step - step0)
-            print(f"step {step}/{steps_total} loss {rl:.4f} ce {rc:.4f} lr {lr:.2e} "
-                  f"gnorm {gn:.2f} max/mean load {max(imbalance):.2f} "
-                  f"{tok_count / el:.0f} tok/s {sps:.2f} s/step "
-                  f"eta {(steps_total - step) * sps / 60:.1f} min", flush=True)
-        if args.bench:
-            continue
-        if step % args.save_every == 0 or step == steps_total:
-            save()
-        if step % args.eval_every == 0 or step == args.steps:
-            t0 = time.time()
-            res = evaluate(args.eval_n)
-            log[-1]["eval"] = {str(B): acc for B, (acc, _) in res.items()}
-            print(f"  eval step {step}: " + "  ".join(
-                f"B={B} {acc:.1%} {bt}" for B, (acc, bt) in res.items())
-                + f"  ({time.time() - t0:.0f} s)", flush=True)
-            out, _ = export()
-            print(f"  exported {out}", flush=True)
+    try:
+        while step < steps_total:
+            lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
+                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps))))
+            for gp in opt.param_groups:
+                gp["lr"] = lr
+            x, seg, pos, labels, noise, answer, p_mask, B = batches.next()
+            loss, ce = loss_fn(cfg, w, x, seg, pos, labels, noise, answer, p_mask, B)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0, foreach=True)
+            opt.step()
+            # aux-loss-free balancing of the router
+            imbalance = []
+            with torch.no_grad():
+                for p in moe_prefixes:
+                    h = _LOADS.get(p + "mlp.", _LOADS.get(p, {}))
+                    load = torch.zeros(E)
+                    for e, c in h.items():
+                        load[e] = c
+                    w[p + "mlp.gate.expert_bias"] += args.bias_rate * torch.sign(load.mean() - load)
+                    imbalance.append((load.max() / load.mean().clamp(min=1e-9)).item())
+            step += 1
+            tok_count += x.numel()
+            log.append({"step": step, "loss": round(loss.item(), 4), "ce": round(ce.item(), 4),
+                        "B": B, "lr": lr, "max_load": round(max(imbalance), 2)})
+            now = time.time()
+            if now - last_print > 20 or step == steps_total:
+                last_print = now
+                el = now - t_start
+                recent = [r for r in log[-50:] if "loss" in r]
+                rl = sum(r["loss"] for r in recent) / len(recent)
+                rc = sum(r["ce"] for r in recent) / len(recent)
+                sps = el / max(1, step - step0)
+                print(f"step {step}/{steps_total} loss {rl:.4f} ce {rc:.4f} lr {lr:.2e} "
+                      f"gnorm {gn:.2f} max/mean load {max(imbalance):.2f} "
+                      f"{tok_count / el:.0f} tok/s {sps:.2f} s/step "
+                      f"eta {(steps_total - step) * sps / 60:.1f} min", flush=True)
+            if args.bench:
+                continue
+            if step % args.save_every == 0 or step == steps_total:
+                save()
+            if step % args.eval_every == 0 or step == args.steps:
+                t0 = time.time()
+                res = evaluate(args.eval_n)
+                log[-1]["eval"] = {str(B): acc for B, (acc, _) in res.items()}
+                print(f"  eval step {step}: " + "  ".join(
+                    f"B={B} {acc:.1%} {bt}" for B, (acc, bt) in res.items())
+                    + f"  ({time.time() - t0:.0f} s)", flush=True)
+                out, _ = export()
+                print(f"  exported {out}", flush=True)
+    finally:
+        batches.close()
     print(f"trained steps {step0}..{step} in {(time.time() - t_start) / 60:.1f} min", flush=True)
     return 0
 
