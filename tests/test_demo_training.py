@@ -201,3 +201,37 @@ def test_prefetched_batches_are_the_stream_and_resume_exactly():
     got.append(resumed.next())
     for a, b in zip(want, got):
         assert a[-1] == b[-1] and all(torch.equal(x, y) for x, y in zip(a[:-1], b[:-1]))
+
+
+def test_chat_batches_shrink_with_their_turns_and_the_task_mix_is_the_trainers():
+    """A chat batch holds fewer sequences the more earlier turns it has (the recipe's 48 single
+    questions, then 24/18/14/12), and sample() draws the trainer's task mix, not the held-out
+    set's."""
+    import random
+    import data
+    import train
+    from tokenizer import build_tokenizer
+    from tokenizers import Tokenizer
+
+    cfg = hfc.make_config(**train.CONFIG)
+    tok = Tokenizer.from_str(build_tokenizer(cfg["vocab_size"])[0])
+    batcher = train.Batcher(tok, cfg, 48, seed=1, chat_batch_size=24)
+    assert [batcher.batch_size(k) for k in range(5)] == [48, 24, 18, 14, 12]
+    saved = data.TRAIN_TASK_WEIGHTS
+    data.TRAIN_TASK_WEIGHTS = (0, 1, 0, 0, 0)
+    try:
+        rng = random.Random(2)
+        answers = [data.sample(rng)[1] for _ in range(50)]
+    finally:
+        data.TRAIN_TASK_WEIGHTS = saved
+    assert all(" minus " in a for a in answers), answers    # "{a} minus {b} is {c}." only
+    held_out_tasks = {t for _, _, t in data.held_out_set(200)}
+    assert held_out_tasks == set(data.TASKS)      # the held-out set keeps its own mix
+
+
+def test_trainer_rejects_bad_weights():
+    import train
+    for argv in (["--task-weights", "1,2"], ["--history", "1,x"], ["--history", "-1,2"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + ["--export-only", "--work", os.devnull])
+        assert e.value.code == 2
