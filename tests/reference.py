@@ -80,9 +80,10 @@ def apply_rope(x, cos, sin, rope_dim):
     return torch.cat([xr * cos + rotated * sin, xp], -1)
 
 
-def rope(x, pos, rope_dim, theta):
-    """NeoX-style rotation of the first rope_dim dims of each head. x: [..., T, heads, hd]."""
-    return apply_rope(x, *rope_tables(pos, rope_dim, theta), rope_dim)
+def head_dims(cfg):
+    """(head_dim, rope_dim): the per-head width and how many of its dims RoPE rotates."""
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return hd, int(hd * cfg.get("partial_rotary_factor", 1.0))
 
 
 def block_causal_mask(T, block_length):
@@ -95,7 +96,7 @@ def qkv_heads(cfg, w, prefix, x):
     """q, k, v [..., T, heads, head_dim] of the fused projection, q and k RMS-normed (QK-norm),
     before RoPE."""
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
+    hd, _ = head_dims(cfg)
     eps = cfg["rms_norm_eps"]
     qkv = x @ w[prefix + "attention.query_key_value.weight"].float().T
     qkv = qkv.view(*x.shape[:-1], nh + 2 * nkv, hd)
@@ -108,11 +109,10 @@ def qkv_heads(cfg, w, prefix, x):
 
 def attention(cfg, w, prefix, x, pos, mask):
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
-    rope_dim = int(hd * cfg.get("partial_rotary_factor", 1.0))
+    hd, rope_dim = head_dims(cfg)
     q, k, v = qkv_heads(cfg, w, prefix, x)                      # [..., T, heads, hd]
-    q = rope(q, pos, rope_dim, cfg["rope_theta"])
-    k = rope(k, pos, rope_dim, cfg["rope_theta"])
+    cos, sin = rope_tables(pos, rope_dim, cfg["rope_theta"])
+    q, k = apply_rope(q, cos, sin, rope_dim), apply_rope(k, cos, sin, rope_dim)
     rep = nh // nkv
     k = k.repeat_interleave(rep, dim=-2)
     v = v.repeat_interleave(rep, dim=-2)
@@ -171,6 +171,19 @@ def moe(cfg, w, prefix, x, hits=None):
 # ---- the model -------------------------------------------------------------------------------
 
 
+def layers(cfg, w, x, attend):
+    """The decoder layers over hidden states x: pre-norm attention (attend(prefix, normed x)),
+    then the dense MLP (first_k_dense_replace layers) or the MoE, each added to the residual."""
+    eps = cfg["rms_norm_eps"]
+    first_moe = cfg.get("first_k_dense_replace", 0)
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        x = x + attend(p, rmsnorm(x, w[p + "input_layernorm.weight"], eps))
+        h = rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps)
+        x = x + (mlp(h, w, p + "mlp.") if n < first_moe else moe(cfg, w, p, h))
+    return x
+
+
 def forward(cfg, w, ids, block_length, return_hidden=False):
     """Block-causal forward from position 0. ids: [T] or [batch, T] -> logits [.., T, vocab]."""
     ids = torch.as_tensor(ids)
@@ -179,12 +192,7 @@ def forward(cfg, w, ids, block_length, return_hidden=False):
     mask = block_causal_mask(T, block_length)
     eps = cfg["rms_norm_eps"]
     x = w["model.word_embeddings.weight"].float()[ids]
-    first_moe = cfg.get("first_k_dense_replace", 0)
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        x = x + attention(cfg, w, p, rmsnorm(x, w[p + "input_layernorm.weight"], eps), pos, mask)
-        h = rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps)
-        x = x + (mlp(h, w, p + "mlp.") if n < first_moe else moe(cfg, w, p, h))
+    x = layers(cfg, w, x, lambda p, h: attention(cfg, w, p, h, pos, mask))
     x = rmsnorm(x, w["model.norm.weight"], eps)
     if return_hidden:
         return x

@@ -62,18 +62,10 @@ def forward(cfg, w, ids, seg, pos, block_length, at=None):
     """Logits [rows, L, vocab] of packed rows: ids, seg (sequence of each token), pos (its
     position in that sequence), all [rows, L]. With a bool mask `at` [rows, L]: only the logits
     of those tokens, [n, vocab] (the output projection of the others is never needed)."""
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    rope_dim = int(hd * cfg.get("partial_rotary_factor", 1.0))
+    _, rope_dim = reference.head_dims(cfg)
     cos, sin = reference.rope_tables(pos, rope_dim, cfg["rope_theta"])   # once, not per layer
     mask = packed_mask(seg, pos, block_length)
-    eps = cfg["rms_norm_eps"]
     x = w["model.word_embeddings.weight"][ids]
-    first_moe = cfg.get("first_k_dense_replace", 0)
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        x = x + attention(cfg, w, p, reference.rmsnorm(x, w[p + "input_layernorm.weight"], eps),
-                          cos, sin, mask)
-        h = reference.rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps)
-        x = x + (reference.mlp(h, w, p + "mlp.") if n < first_moe else reference.moe(cfg, w, p, h))
-    x = reference.rmsnorm(x if at is None else x[at], w["model.norm.weight"], eps)
+    x = reference.layers(cfg, w, x, lambda p, h: attention(cfg, w, p, h, cos, sin, mask))
+    x = reference.rmsnorm(x if at is None else x[at], w["model.norm.weight"], cfg["rms_norm_eps"])
     return x @ w["lm_head.weight"].T

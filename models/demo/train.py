@@ -338,7 +338,10 @@ def main(argv=None):
         print(f"resumed at step {step}", flush=True)
 
     def save():
-        torch.save({"w": {k: v.detach().clone() for k, v in w.items()}, "opt": opt.state_dict(),
+        # the experts' HF names are views of the stacked tensors (stack_experts): saved once, as
+        # the stacked ones; loading copies into those, which fills the views
+        weights = {k: v.detach().clone() for k, v in w.items() if v._base is None}
+        torch.save({"w": weights, "opt": opt.state_dict(),
                     "rng": batches.state[0], "g": batches.state[1], "step": step,
                     "log": log, "config": cfg}, state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
