@@ -116,9 +116,8 @@ def test_packed_forward_equals_reference_per_sequence(block_length):
                                rtol=1e-6, atol=1e-6)
 
 
-def test_training_batch_noises_only_the_answer_of_each_noised_block():
-    """Every packed sequence starts at position 0, ends at the end of its noised block (a block
-    holding answer tokens), and only answer tokens of that block are masked."""
+def _trainer_batches(learn, n, seed=3, B=None):
+    """n batches of the trainer's Batcher (chats of 0-3 earlier turns) and the Batcher."""
     import data
     import train
     from tokenizer import build_tokenizer
@@ -126,26 +125,84 @@ def test_training_batch_noises_only_the_answer_of_each_noised_block():
 
     cfg = hfc.make_config(**train.CONFIG)
     tok = Tokenizer.from_str(build_tokenizer(cfg["vocab_size"])[0])
-    saved = data.HISTORY_WEIGHTS
-    data.HISTORY_WEIGHTS = (0.5, 0.2, 0.2, 0.1)
+    saved = data.HISTORY_WEIGHTS, train.BLOCK_LENGTHS
+    data.HISTORY_WEIGHTS = (0.4, 0.2, 0.2, 0.2)
+    train.BLOCK_LENGTHS = (B,) if B else train.BLOCK_LENGTHS
     try:
-        batcher = train.Batcher(tok, cfg, 12, seed=3, chat_batch_size=6)
-        batches = [batcher.next() for _ in range(6)]
+        batcher = train.Batcher(tok, cfg, 12, seed=seed, chat_batch_size=6, learn=learn)
+        return [batcher.next() for _ in range(n)], batcher, tok
     finally:
-        data.HISTORY_WEIGHTS = saved
-    role_end = tok.token_to_id("<|role_end|>")
-    for x, seg, pos, labels, noise, answer, p_mask, B in batches:
+        data.HISTORY_WEIGHTS, train.BLOCK_LENGTHS = saved
+
+
+@pytest.mark.parametrize("learn", ["last", "every"])
+def test_training_batch_noises_only_the_answer_of_each_noised_block(learn):
+    """Every packed sequence is the chat's clean tokens from position 0 up to the start of its
+    last noised block, then one noised block per learned answer (whole blocks, their own
+    positions); only answer tokens of those blocks are masked, each block at one noise level,
+    and an answer ends with <|endoftext|> to the end of its block. "last": one noised block per
+    sequence, right after the clean tokens (the sequence is the chat cut at its end)."""
+    batches, batcher, tok = _trainer_batches(learn, 12)
+    role, eos = tok.token_to_id("<role>"), batcher.eos
+    turns_seen = set()
+    for x, seg, pos, group, labels, noise, answer, p_mask, B in batches:
         assert noise.any() and not (noise & ~answer).any()
         assert (x[noise] == batcher.mask).all() and (x[~noise] == labels[~noise]).all()
         for i in range(int(seg.max()) + 1):
             at = seg == i
-            n = int(at.sum())
-            assert n % B == 0 and pos[at].tolist() == list(range(n))
-            a = answer[at]
-            assert a[:n - B].sum() == 0 and a[n - B:].any()   # answer tokens in the last block only
-            first = int(a.nonzero()[0, 0])
-            assert labels[at][first - 1] == tok.token_to_id("</role>") or first == n - B
-            assert role_end in labels[at][:first].tolist()    # the question precedes the answer
+            g, p, a, lab = group[at], pos[at], answer[at], labels[at]
+            clean = int((g == 0).sum())
+            assert p[:clean].tolist() == list(range(clean)) and clean % B == 0
+            assert not a[:clean].any() and (g[:clean] == 0).all()
+            copies = g[clean:].view(-1, B)
+            assert (copies == copies[:, :1]).all()             # whole blocks, one group each
+            assert copies[:, 0].unique().numel() == len(copies)
+            # the chat's questions: its text is the clean tokens, then the last noised block
+            turns = (lab[:clean].tolist() + lab[-B:].tolist()).count(role) // 2
+            if learn == "last":
+                assert len(copies) == 1 and p.tolist() == list(range(len(p)))
+            else:
+                assert len(copies) == turns and copies[:, 0].tolist() == sorted(copies[:, 0])
+                turns_seen.add(turns)
+            for c in range(len(copies)):
+                span = slice(clean + c * B, clean + (c + 1) * B)
+                start = int(p[span][0])
+                assert start % B == 0 and p[span].tolist() == list(range(start, start + B))
+                assert a[span].any() and start <= clean
+                said = lab[span][a[span]].tolist()
+                if eos in said:                                # EOS to the block's end
+                    assert set(said[said.index(eos):]) == {eos}
+                assert p_mask[at][span][a[span]].unique().numel() == 1
+                first = int(a[span].nonzero()[0, 0])
+                assert first == 0 or lab[span][first - 1] == tok.token_to_id("</role>")
+    if learn == "every":
+        assert {1, 2, 3, 4} <= turns_seen                       # chats of 0-3 earlier turns
+
+
+@pytest.mark.parametrize("B", [16, 32])
+def test_every_answer_batch_gives_each_block_what_the_engine_gives_it(B):
+    """learn="every": the packed forward's logits of each noised block equal reference.forward
+    on that chat's clean blocks before it followed by that block alone: what the engine's
+    cache and block hold when it denoises the block (2-layer model, random weights)."""
+    import train
+    cfg = hfc.make_config(**{**train.CONFIG, "num_hidden_layers": 2})
+    w, _ = _weights(cfg, 6, stacked=True)
+    (batch,), _, _ = _trainer_batches("every", 1, seed=11, B=B)
+    x, seg, pos, group, labels, noise, answer, p_mask, _ = batch
+    with torch.no_grad():
+        logits = packed.forward(cfg, w, x, seg, pos, B, group=group)
+        checked = 0
+        for i in range(int(seg.max()) + 1):
+            at = seg == i
+            ids, g, p = x[at], group[at], pos[at]
+            for copy in g[g > 0].unique():
+                blk = g == copy
+                start = int(p[blk][0])
+                seq = torch.cat([ids[(g == 0) & (p < start)], ids[blk]])
+                want = reference.forward(cfg, w, seq, B)[start:]
+                torch.testing.assert_close(logits[at][blk], want, rtol=1e-4, atol=1e-4)
+                checked += 1
+    assert checked > int(seg.max()) + 1                       # more blocks than chats
 
 
 def _conversations():
@@ -217,6 +274,8 @@ def test_chat_batches_shrink_with_their_turns_and_the_task_mix_is_the_trainers()
     tok = Tokenizer.from_str(build_tokenizer(cfg["vocab_size"])[0])
     batcher = train.Batcher(tok, cfg, 48, seed=1, chat_batch_size=24)
     assert [batcher.batch_size(k) for k in range(5)] == [48, 24, 18, 14, 12]
+    every = train.Batcher(tok, cfg, 96, seed=1, chat_batch_size=32, learn="every")
+    assert [every.batch_size(k) for k in range(5)] == [96, 32, 19, 14, 11]   # k more noised blocks
     saved = data.TRAIN_TASK_WEIGHTS
     data.TRAIN_TASK_WEIGHTS = (0, 1, 0, 0, 0)
     try:

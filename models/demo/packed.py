@@ -38,12 +38,19 @@ def pack(lengths, row_len):
     return place, len(free)
 
 
-def packed_mask(seg, pos, block_length):
+def packed_mask(seg, pos, block_length, group=None):
     """[rows, 1, L, L] bool: key j visible to query i when both are of one sequence and j's block
-    is not after i's (reference.block_causal_mask within each sequence)."""
+    is not after i's (reference.block_causal_mask within each sequence). With `group` [rows, L]
+    (0: the sequence's clean tokens; g > 0: a noised copy of one block, train.Batcher): a key
+    of a noised copy is visible only to its own copy, and a copy sees the clean blocks before
+    its own, so each copy is reference.forward on (clean blocks before it + that block)."""
     blk = pos // block_length
     same = seg[:, :, None] == seg[:, None, :]
-    return (same & (blk[:, None, :] <= blk[:, :, None])).unsqueeze(1)
+    if group is None:
+        return (same & (blk[:, None, :] <= blk[:, :, None])).unsqueeze(1)
+    clean_before = (group[:, None, :] == 0) & (blk[:, None, :] < blk[:, :, None])
+    own = (group[:, None, :] == group[:, :, None]) & (blk[:, None, :] <= blk[:, :, None])
+    return (same & (clean_before | own)).unsqueeze(1)
 
 
 def attention(cfg, w, prefix, x, cos, sin, mask):
@@ -58,13 +65,13 @@ def attention(cfg, w, prefix, x, cos, sin, mask):
     return out @ w[prefix + "attention.dense.weight"].T
 
 
-def forward(cfg, w, ids, seg, pos, block_length, at=None):
+def forward(cfg, w, ids, seg, pos, block_length, at=None, group=None):
     """Logits [rows, L, vocab] of packed rows: ids, seg (sequence of each token), pos (its
-    position in that sequence), all [rows, L]. With a bool mask `at` [rows, L]: only the logits
+    position in that sequence), all [rows, L]; `group` as packed_mask's. With a bool mask `at` [rows, L]: only the logits
     of those tokens, [n, vocab] (the output projection of the others is never needed)."""
     _, rope_dim = reference.head_dims(cfg)
     cos, sin = reference.rope_tables(pos, rope_dim, cfg["rope_theta"])   # once, not per layer
-    mask = packed_mask(seg, pos, block_length)
+    mask = packed_mask(seg, pos, block_length, group)
     x = w["model.word_embeddings.weight"][ids]
     x = reference.layers(cfg, w, x, lambda p, h: attention(cfg, w, p, h, cos, sin, mask))
     x = reference.rmsnorm(x if at is None else x[at], w["model.norm.weight"], cfg["rms_norm_eps"])

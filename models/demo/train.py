@@ -11,7 +11,8 @@ sequence cut at the end of its noised block, several per row, attending only wit
 with its MoE layer computed as grouped matmuls (moe_batched.py: the same routing and products),
 both checked against the reference, so the model is trained by exactly the architecture the
 engine runs. Conversations of 1-5 questions (--history): the earlier turns are correct questions
-and answers, and the last answer is the one learned. Objective, per sequence:
+and answers; the last answer is the one learned, or with --learn every each answer of the chat
+(Batcher._noised_chat). Objective, per learned answer:
 one block b that holds answer tokens is the noised block; the blocks before it are clean (as the
 engine's cache of committed blocks), the blocks after it are invisible to it under the
 block-causal mask. t ~ U(0, 1), each answer token of block b is replaced by <|mask|> with
@@ -120,11 +121,13 @@ def _moe_recording(cfg, w, prefix, x, hits=None):
 
 
 class Batcher:
-    """Deterministic stream of packed batches (packed.py): each sequence cut at the end of its
-    noised block, the pieces packed into rows of ROW_LENGTH tokens."""
+    """Deterministic stream of packed batches (packed.py): each chat's sequence ends with its
+    noised blocks (_noised_chat), the sequences packed into rows of ROW_LENGTH tokens (or of the
+    longest one)."""
 
-    def __init__(self, tokenizer, cfg, batch_size, seed, chat_batch_size=None):
+    def __init__(self, tokenizer, cfg, batch_size, seed, chat_batch_size=None, learn="last"):
         self.tok = tokenizer
+        self.learn = learn          # "last": a chat's last answer is learned; "every": each one
         self.rng = random.Random(seed)
         self.g = torch.Generator().manual_seed(seed + 1)
         self.bs = batch_size
@@ -135,45 +138,82 @@ class Batcher:
     def batch_size(self, turns):
         """Sequences in a batch whose chats have `turns` earlier turns. A turn adds about half a
         single question's tokens, so chats of k turns get chat_bs * 3 / (k + 2) sequences: a
-        step costs about the same whatever k is (0.28-0.31 s on 2 cores, k = 0..4)."""
-        return self.bs if turns == 0 else max(1, round(self.chat_bs * 3 / (turns + 2)))
+        step costs about the same whatever k is (0.28-0.31 s on 2 cores, k = 0..4). Learning
+        every answer, a turn also adds a noised block: chat_bs * 3 / (2 k + 1) chats."""
+        if turns == 0:
+            return self.bs
+        if self.learn == "every":      # ~33 + 63 k tokens a chat at block 32
+            return max(1, round(self.chat_bs * 3 / (2 * turns + 1)))
+        return max(1, round(self.chat_bs * 3 / (turns + 2)))
+
+    def _noised_chat(self, turns, B):
+        """One chat's sequence: its clean tokens (group 0: the chat's text up to the start of its
+        last noised block) followed by one noised block per learned turn (group j + 1 for turn
+        j: the tokens of a block b_j holding that turn's answer, drawn at random, with the answer
+        then <|endoftext|> to the block's end, as the engine leaves it). The noised copy of turn
+        j reads the clean blocks before b_j, which are exactly what the engine has committed
+        when it denoises b_j: the earlier turns' text, turn j's question and its answer so far.
+        Returns (tokens, positions, groups, answer flags)."""
+        history, q, a = turns
+        chats = [(history[:j], *(history[j] if j < len(history) else (q, a)))
+                 for j in range(len(history) + 1)]
+        learned = chats if self.learn == "every" else chats[-1:]
+        first_j = len(chats) - len(learned)
+        texts = [chat_text(q_j, None, h_j) for h_j, q_j, _ in learned]
+        texts += [chat_text(q_j, a_j, h_j) for h_j, q_j, a_j in learned]
+        enc = [e.ids for e in self.tok.encode_batch(texts)]
+        prompts, fulls = enc[:len(learned)], enc[len(learned):]
+        whole = fulls[-1]                          # the whole chat; every turn's text is its prefix
+        copies = []
+        for p, f in zip(prompts, fulls):
+            assert f[:len(p)] == p
+            seq = f + [self.eos]
+            seq += [self.eos] * (-len(seq) % B)    # EOS to the end of the last block
+            b = self.rng.randint(len(p) // B, len(seq) // B - 1)   # a block with answer tokens
+            assert whole[:b * B] == seq[:b * B]
+            copies.append((seq, len(p), b))
+        clean = max(b for _, _, b in copies) * B
+        tokens, pos = whole[:clean], list(range(clean))
+        group, answer = [0] * clean, [False] * clean
+        for j, (seq, plen, b) in enumerate(copies, start=first_j + 1):
+            span = range(b * B, (b + 1) * B)
+            tokens += seq[b * B:(b + 1) * B]
+            pos += span
+            group += [j] * B
+            answer += [i >= plen for i in span]
+        return tokens, pos, group, answer
 
     def next(self, eps=1e-3):
         B = self.rng.choice(BLOCK_LENGTHS)
         turns = history_turns(self.rng)
         bs = self.batch_size(turns)
         chats = [sample_chat(self.rng, turns) for _ in range(bs)]
-        prompts = self.tok.encode_batch([chat_text(q, None, h) for h, q, _ in chats])
-        fulls = self.tok.encode_batch([chat_text(q, a, h) for h, q, a in chats])
-        seqs = []
-        for p, f in zip(prompts, fulls):
-            p, f = p.ids, f.ids
-            assert f[:len(p)] == p
-            seq = f + [self.eos]
-            seq += [self.eos] * (-len(seq) % B)           # EOS to the end of the last block
-            first, last = len(p) // B, len(seq) // B - 1     # blocks that hold answer tokens
-            b = self.rng.randint(first, last)
-            seqs.append((seq[:(b + 1) * B], len(p)))       # nothing after the noised block
-        lengths = [len(seq) for seq, _ in seqs]
+        seqs = [self._noised_chat(c, B) for c in chats]
+        lengths = [len(tokens) for tokens, *_ in seqs]
         L = max([ROW_LENGTH] + lengths)
         place, rows = packed.pack(lengths, L)
         x = torch.full((rows, L), self.eos, dtype=torch.long)
         seg = torch.full((rows, L), -1, dtype=torch.long)   # padding: a sequence of its own
         pos = torch.zeros((rows, L), dtype=torch.long)
+        group = torch.zeros((rows, L), dtype=torch.long)
         answer = torch.zeros((rows, L), dtype=torch.bool)
         p_mask = torch.ones((rows, L))
-        t = torch.rand(bs, generator=self.g)
-        for i, ((seq, plen), (r, off)) in enumerate(zip(seqs, place)):
-            n = len(seq)
-            x[r, off:off + n] = torch.tensor(seq)
+        t = torch.rand(sum(len(set(g) - {0}) for _, _, g, _ in seqs), generator=self.g)
+        copy = 0                                       # one noise level per noised block
+        for i, ((tokens, ps, gs, ans), (r, off)) in enumerate(zip(seqs, place)):
+            n = len(tokens)
+            x[r, off:off + n] = torch.tensor(tokens)
             seg[r, off:off + n] = i
-            pos[r, off:off + n] = torch.arange(n)
-            answer[r, off + max(n - B, plen):off + n] = True   # answer tokens of the noised block
-            p_mask[r, off:off + n] = (1 - eps) * t[i] + eps
+            pos[r, off:off + n] = torch.tensor(ps)
+            group[r, off:off + n] = torch.tensor(gs)
+            answer[r, off:off + n] = torch.tensor(ans)
+            for c in range(n - len(set(gs) - {0}) * B, n, B):
+                p_mask[r, off + c:off + c + B] = (1 - eps) * t[copy] + eps
+                copy += 1
         noise = (torch.rand(rows, L, generator=self.g) < p_mask) & answer
         labels = x.clone()
         x = x.masked_fill(noise, self.mask)
-        return x, seg, pos, labels, noise, answer, p_mask, B
+        return x, seg, pos, group, labels, noise, answer, p_mask, B
 
 
 class Prefetcher:
@@ -217,8 +257,8 @@ class Prefetcher:
         self.close()
 
 
-def loss_fn(cfg, w, x, seg, pos, labels, noise, answer, p_mask, B):
-    logits = packed.forward(cfg, w, x, seg, pos, B, at=noise)     # the masked tokens' only
+def loss_fn(cfg, w, x, seg, pos, group, labels, noise, answer, p_mask, B):
+    logits = packed.forward(cfg, w, x, seg, pos, B, at=noise, group=group)     # the masked tokens' only
     ce = F.cross_entropy(logits, labels[noise], reduction="none")
     weight = p_mask[noise].reciprocal()
     return (ce * weight).sum() / answer.sum().clamp(min=1), (ce.detach().mean() if len(ce) else
@@ -285,6 +325,9 @@ def main(argv=None):
     ap.add_argument("--task-weights", default="0.32,0.40,0.06,0.06,0.16",
                     help="training mix of the tasks add,sub,double,half,unit "
                     "(data.TRAIN_TASK_WEIGHTS; the held-out set keeps data.TASK_WEIGHTS)")
+    ap.add_argument("--learn", choices=("last", "every"), default="last",
+                    help="the answers of a chat learned: its last one, or every one (a noised "
+                    "block per turn, each reading the chat before it: Batcher._noised_chat)")
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--bench", type=int, default=0, help="time N steps and exit")
     args = ap.parse_args(argv)
@@ -315,7 +358,7 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8, fused=True)
-    batcher = Batcher(tok, cfg, args.batch_size, args.seed, args.chat_batch_size)
+    batcher = Batcher(tok, cfg, args.batch_size, args.seed, args.chat_batch_size, args.learn)
     step = 0
     log = []
     state_path = os.path.join(args.work, "state.pt")
@@ -380,8 +423,8 @@ def main(argv=None):
                 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps))))
             for gp in opt.param_groups:
                 gp["lr"] = lr
-            x, seg, pos, labels, noise, answer, p_mask, B = batches.next()
-            loss, ce = loss_fn(cfg, w, x, seg, pos, labels, noise, answer, p_mask, B)
+            x, seg, pos, group, labels, noise, answer, p_mask, B = batches.next()
+            loss, ce = loss_fn(cfg, w, x, seg, pos, group, labels, noise, answer, p_mask, B)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0, foreach=True)
