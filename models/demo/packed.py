@@ -67,8 +67,9 @@ def attention(cfg, w, prefix, x, cos, sin, mask):
 
 def forward(cfg, w, ids, seg, pos, block_length, at=None, group=None):
     """Logits [rows, L, vocab] of packed rows: ids, seg (sequence of each token), pos (its
-    position in that sequence), all [rows, L]; `group` as packed_mask's. With a bool mask `at` [rows, L]: only the logits
-    of those tokens, [n, vocab] (the output projection of the others is never needed)."""
+    position in that sequence), all [rows, L]; `group` as packed_mask's. With a bool mask `at`
+    [rows, L]: only the logits of those tokens, [n, vocab] (the output projection of the others
+    is never needed)."""
     _, rope_dim = reference.head_dims(cfg)
     cos, sin = reference.rope_tables(pos, rope_dim, cfg["rope_theta"])   # once, not per layer
     mask = packed_mask(seg, pos, block_length, group)

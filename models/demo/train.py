@@ -146,7 +146,7 @@ class Batcher:
             return max(1, round(self.chat_bs * 3 / (2 * turns + 1)))
         return max(1, round(self.chat_bs * 3 / (turns + 2)))
 
-    def _noised_chat(self, turns, B):
+    def _noised_chat(self, chat, B):
         """One chat's sequence: its clean tokens (group 0: the chat's text up to the start of its
         last noised block) followed by one noised block per learned turn (group j + 1 for turn
         j: the tokens of a block b_j holding that turn's answer, drawn at random, with the answer
@@ -154,7 +154,7 @@ class Batcher:
         j reads the clean blocks before b_j, which are exactly what the engine has committed
         when it denoises b_j: the earlier turns' text, turn j's question and its answer so far.
         Returns (tokens, positions, groups, answer flags)."""
-        history, q, a = turns
+        history, q, a = chat
         chats = [(history[:j], *(history[j] if j < len(history) else (q, a)))
                  for j in range(len(history) + 1)]
         learned = chats if self.learn == "every" else chats[-1:]
