@@ -258,7 +258,7 @@ class Prefetcher:
 
 
 def loss_fn(cfg, w, x, seg, pos, group, labels, noise, answer, p_mask, B):
-    logits = packed.forward(cfg, w, x, seg, pos, B, at=noise, group=group)     # the masked tokens' only
+    logits = packed.forward(cfg, w, x, seg, pos, B, at=noise, group=group)  # masked tokens only
     ce = F.cross_entropy(logits, labels[noise], reduction="none")
     weight = p_mask[noise].reciprocal()
     return (ce * weight).sum() / answer.sum().clamp(min=1), (ce.detach().mean() if len(ce) else
