@@ -523,15 +523,28 @@ TIDE_AVX512 TIDE_INLINE __m512 w16_tail(int32_t type, const char *row, int64_t c
     }
 }
 
+/* How far ahead a streaming AVX-512 tile prefetches: the rows of the tile after next (one tile
+ * ahead is only 1.2 KB of lead for a 4-row q4_k tile of a 2048x512 expert matrix). Against no
+ * streaming prefetch (each row's own blocks a few ahead), one-token matmuls of the expert shapes
+ * went, in % of read bandwidth: bf16 down 68-71 -> 100, q8_0 58-75 -> 62-90, q6_k 31-52 ->
+ * 46-63 (bench/results/quant_kernels_avx512.txt). q4_k and q5_k are held by their decode. */
+#define STREAM_TILES_AHEAD 2
+
 TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t rb, int64_t cols,
                                          const float *const *xs, float *out, const int R,
-                                         const int T) {
+                                         const int T, int stream) {
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++)
             acc[r][t] = _mm512_setzero_ps();
     int64_t nc = cols / 16;
     const int QB = dec_block_elems(type);
+    /* stream: as the AVX2 tile, a share of a later tile's rows a step; otherwise each row's
+     * own blocks a few ahead (`ahead` lines of each) */
+    const char *next = row + (size_t)(STREAM_TILES_AHEAD * R) * rb;
+    const size_t next_lines =
+        stream && rb == tide_row_bytes(type, cols) ? ((size_t)R * rb + 63) / 64 : 0;
+    const int ahead = next_lines ? 0 : 2;
     if (QB) {
         /* as the AVX2 tile, with 16-value chunks */
         const size_t BB = dec_block_bytes(type);
@@ -545,8 +558,9 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
                 float D[4][16], M[4][16];
+                prefetch_share(next, next_lines, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
-                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, 2, k4, D[r], M[r]);
+                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, k4, D[r], M[r]);
                 }
                 for (int g = 0; g < QB / 64 + !k4; g++) {
                     __m512 tlo[4], thi[4];
@@ -590,8 +604,9 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             float D[4][16], M[4][16];
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
+                prefetch_share(next, next_lines, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
-                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, 4, 1, D[r], M[r]);
+                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, next_lines ? 0 : 4, 1, D[r], M[r]);
                 }
                 for (int w0 = 0; w0 < QB; w0 += 32) {
                     __m256i q[4];
@@ -617,8 +632,9 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             float D[4][16], M[4][16];
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
+                prefetch_share(next, next_lines, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
-                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, 2, 1, D[r], M[r]);
+                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 1, D[r], M[r]);
                 }
                 for (int w0 = 0; w0 < QB; w0 += 16) {
                     __m512 wv[4];
@@ -637,10 +653,12 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
         for (int64_t blk = 0; blk < nc / 2; blk++) {
             __m512 d[4];
             const tide_block_q8_0 *bp[4];
+            prefetch_share(next, next_lines, nc / 2, blk);
             for (int r = 0; r < R; r++) {
                 bp[r] = (const tide_block_q8_0 *)(row + r * rb) + blk;
                 d[r] = _mm512_set1_ps(_cvtsh_ss(bp[r]->d));
-                _mm_prefetch((const char *)(bp[r] + 32), _MM_HINT_T0);
+                if (!next_lines)   /* not streaming: ~1 KiB ahead in each row */
+                    _mm_prefetch((const char *)(bp[r] + 32), _MM_HINT_T0);
             }
             for (int sub = 0; sub < 2; sub++) {
                 __m512 wv[4];
@@ -658,6 +676,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
     } else {
         for (int64_t c = 0; c < nc; c++) {
             __m512 wv[4];
+            prefetch_share(next, next_lines, nc, c);
             for (int r = 0; r < R; r++)
                 wv[r] = w16_chunk(type, row + r * rb, c);
             for (int t = 0; t < T; t++) {
@@ -687,9 +706,8 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
 TIDE_AVX512 TIDE_INLINE void tile_any_avx512(int32_t type, const char *row, size_t rb, int64_t cols,
                                              const float *const *xs, float *out, int R, int T,
                                              int stream) {
-    (void)stream;   /* its tiles prefetch a few blocks ahead per row */
 #define TILE(r_, t_) \
-    if (R == r_ && T == t_) { tile_avx512(type, row, rb, cols, xs, out, r_, t_); return; }
+    if (R == r_ && T == t_) { tile_avx512(type, row, rb, cols, xs, out, r_, t_, stream); return; }
     TILE(4, 4) TILE(4, 3) TILE(4, 2) TILE(4, 1)
     TILE(1, 4) TILE(1, 3) TILE(1, 2) TILE(1, 1)
 #undef TILE
