@@ -776,7 +776,12 @@ TIDE_AVX512 TIDE_INLINE void matmul_panel_avx512(const int32_t type, const cpu_w
 TIDE_AVX512 TIDE_INLINE void matmul_block_avx512(const int32_t type, const cpu_wview *w, int64_t r0,
                                                  int64_t r1, const cpu_tokens *ts, int32_t t0,
                                                  int32_t t1) {
-    if (panel_fits(type, w, t1 - t0)) {
+    /* the panel only where a chunk's decode in registers is dear: q5_k's high bits, q6_k's two
+     * planes. The other types decode in a few ops (q4_k and q4_0 by their value table) and the
+     * 4x4 tiles run their FMAs as fast as the panel's 4x6, so decoding once gains nothing there.
+     * 16384x2048, 32 tokens, 2 threads (ms, tiles -> panel): q6_k 31-35 -> 26, q5_k 35-37 -> 28-29,
+     * q4_k 22-23 -> 30-32, bf16 10.3 -> 12.6-13.2, q8_0 12 -> 12.5-14.3 (8192 rows for the last two) */
+    if ((type == TIDE_TYPE_Q5_K || type == TIDE_TYPE_Q6_K) && panel_fits(type, w, t1 - t0)) {
         matmul_panel_avx512(type, w, r0, r1, ts, t0, t1);
         return;
     }
