@@ -126,6 +126,13 @@ TIDE_INLINE void prefetch_share(const char *p, size_t n_lines, int64_t n_steps, 
         _mm_prefetch(p + 64 * l, _MM_HINT_T0);
 }
 
+/* The 64-byte lines of a tile's R rows that the tile before it prefetches: all of them when the
+ * rows are read once (`stream`: a single token group) and packed (not the strided K/V rows of
+ * attention), else 0. One rule for the AVX2 and the AVX-512 tiles. */
+TIDE_INLINE size_t stream_prefetch_lines(int32_t type, int64_t cols, size_t rb, int R, int stream) {
+    return stream && rb == tide_row_bytes(type, cols) ? ((size_t)R * rb + 63) / 64 : 0;
+}
+
 /* Block blk of row r of a tile (q4_0 / k-quants): its address, the first `lines` 64-byte lines
  * of the block 4 blocks ahead prefetched, and (when `scales`) its scales unpacked to f32 into
  * D, M (block_scales_avx2). One rule for every tile that walks rows block by block. */
@@ -157,8 +164,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
      * With more token groups the rows come again from L2 for each (MATMUL_BLOCK_BODY), and the
      * prefetch would only evict their x rows from L1. */
     const char *next = row + (size_t)R * rb;
-    const size_t next_lines =
-        stream && rb == tide_row_bytes(type, cols) ? ((size_t)R * rb + 63) / 64 : 0;
+    const size_t next_lines = stream_prefetch_lines(type, cols, rb, R, stream);
     if (QB) {
         /* q4_0 / k-quants: per block each row's scales to f32 once, then each 8-value chunk
          * decoded into a register (blocks.h's exact values) and used for all T tokens; the
@@ -551,8 +557,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
     /* stream: as the AVX2 tile, a share of a later tile's rows a step; otherwise each row's
      * own blocks a few ahead (`ahead` lines of each) */
     const char *next = row + (size_t)(STREAM_TILES_AHEAD * R) * rb;
-    const size_t next_lines =
-        stream && rb == tide_row_bytes(type, cols) ? ((size_t)R * rb + 63) / 64 : 0;
+    const size_t next_lines = stream_prefetch_lines(type, cols, rb, R, stream);
     const int ahead = next_lines ? 0 : 2;
     if (QB) {
         /* as the AVX2 tile, with 16-value chunks */
@@ -611,11 +616,14 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
         } else if (type == TIDE_TYPE_Q6_K) {
             /* 32 quants per row at a time with 256-bit byte ops, then two 16-value chunks */
             float D[4][16], M[4][16];
+            /* not streaming: 4 lines of each row's own 210-byte blocks ahead (q6_k's lead from
+             * before the streaming prefetch; the other types take `ahead`) */
+            const int ahead_q6 = next_lines ? 0 : 4;
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
                 prefetch_share(next, next_lines, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
-                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, next_lines ? 0 : 4, 1, D[r], M[r]);
+                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead_q6, 1, D[r], M[r]);
                 }
                 for (int w0 = 0; w0 < QB; w0 += 32) {
                     __m256i q[4];
