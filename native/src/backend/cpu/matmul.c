@@ -732,7 +732,8 @@ TIDE_AVX512 TIDE_INLINE void tile_any_avx512(int32_t type, const char *row, size
 
 /* tile_f32_avx2 with 16-lane chunks: 4 x 6 takes 24 accumulators, 6 x registers and one weight
  * register of the 32 zmm registers; each chunk loads 10 vectors for 24 FMAs. The canonical 16-lane
- * order of tile_avx512 (the last chunk zero-padded), so the bits are those of its tiles. */
+ * order of tile_avx512, so the bits are those of its tiles. Its panels hold q5_k / q6_k rows only
+ * (matmul_block_avx512), whole 256-value blocks: cols % 16 == 0, no tail chunk. */
 TIDE_AVX512 TIDE_INLINE void tile_f32_avx512(const float *w, int64_t ws, int64_t cols,
                                              const float *const *xs, float *out, const int R,
                                              const int T) {
@@ -749,15 +750,6 @@ TIDE_AVX512 TIDE_INLINE void tile_f32_avx512(const float *w, int64_t ws, int64_t
             __m512 wv = _mm512_loadu_ps(w + r * ws + c * 16);
             for (int t = 0; t < T; t++)
                 acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
-        }
-    }
-    int tail = (int)(cols - nc * 16);
-    if (tail) {
-        __mmask16 m = (__mmask16)((1u << tail) - 1u);
-        for (int r = 0; r < R; r++) {
-            __m512 wv = _mm512_maskz_loadu_ps(m, w + r * ws + nc * 16);
-            for (int t = 0; t < T; t++)
-                acc[r][t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, xs[t] + nc * 16), acc[r][t]);
         }
     }
     for (int r = 0; r < R; r++)
@@ -790,6 +782,7 @@ TIDE_AVX512 TIDE_INLINE void matmul_block_avx512(const int32_t type, const cpu_w
      * 16384x2048, 32 tokens, 2 threads (ms, tiles -> panel): q6_k 31-35 -> 26, q5_k 35-37 -> 28-29,
      * q4_k 22-23 -> 30-32, bf16 10.3 -> 12.6-13.2, q8_0 12 -> 12.5-14.3 (8192 rows for the last two) */
     if ((type == TIDE_TYPE_Q5_K || type == TIDE_TYPE_Q6_K) && panel_fits(type, w, t1 - t0)) {
+        /* (tile_f32_avx512 takes no tail chunk: widen this to f32/f16/bf16 and give it one) */
         matmul_panel_avx512(type, w, r0, r1, ts, t0, t1);
         return;
     }
