@@ -701,8 +701,18 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
                 }
             }
         } else if (type == TIDE_TYPE_Q6_K) {
-            /* 32 quants per row at a time with 256-bit byte ops, then two 16-value chunks */
+            /* 64 quants of a row at a time with 512-bit byte ops (a quarter pair u, u + 1 of a
+             * half: ql's 64 bytes, qh's 32 in both 256-bit halves, shifted per half so each
+             * quarter's two bits land at bits 4-5), stored as bytes q - 32; then each 16-value
+             * chunk sign-extended from there, converted and scaled. Storing and reloading the
+             * bytes keeps the widening off the shuffle port's extracts. */
+            _Alignas(64) int8_t qb[4][64];
             float D[4][16], M[4][16];
+            const __m512i m4 = _mm512_set1_epi8(15), m2 = _mm512_set1_epi8(0x30), k32 = _mm512_set1_epi8(32);
+            /* word shifts of qh per 256-bit half: quarters 0 / 1 (bits 0-1 / 2-3) left by 4 / 2,
+             * quarters 2 / 3 (bits 4-5 / 6-7) right by 0 / 2 */
+            const __m512i lo_pair = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+            const __m512i hi_pair = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
             /* not streaming: 4 lines of each row's own 210-byte blocks ahead (q6_k's lead from
              * before the streaming prefetch; the other types take `ahead`) */
             const int ahead_q6 = next_lines ? 0 : 4;
@@ -712,22 +722,30 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
                 for (int r = 0; r < R; r++) {
                     bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead_q6, 1, D[r], M[r]);
                 }
-                for (int w0 = 0; w0 < QB; w0 += 32) {
-                    __m256i q[4];
-                    for (int r = 0; r < R; r++)
-                        q[r] = dec_q6_k_quants32(bp[r], w0 >> 7, (w0 >> 5) & 3);
-                    for (int half = 0; half < 2; half++) {
-                        __m512 wv[4];
+                for (int n = 0; n < 2; n++) {
+                    for (int pair = 0; pair < 2; pair++) {   /* quarters 2 pair, 2 pair + 1 */
                         for (int r = 0; r < R; r++) {
-                            __m128i qh = half ? _mm256_extracti128_si256(q[r], 1) : _mm256_castsi256_si128(q[r]);
-                            wv[r] = _mm512_mul_ps(_mm512_set1_ps(D[r][(w0 + 16 * half) >> 4]),
-                                                  _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(qh)));
+                            __m512i ql = _mm512_loadu_si512(bp[r] + 64 * n);
+                            __m512i qh = _mm512_broadcast_i64x4(
+                                _mm256_loadu_si256((const __m256i *)(bp[r] + TIDE_Q6K_OFF_QH + 32 * n)));
+                            ql = pair ? _mm512_srli_epi16(ql, 4) : ql;
+                            qh = pair ? _mm512_srlv_epi16(qh, hi_pair) : _mm512_sllv_epi16(qh, lo_pair);
+                            /* (ql & 15) | (qh & 0x30): 0xEC is (A & C) | B */
+                            __m512i q = _mm512_ternarylogic_epi32(ql, _mm512_and_si512(qh, m2), m4, 0xEC);
+                            _mm512_store_si512(qb[r], _mm512_sub_epi8(q, k32));
                         }
-                        int64_t col = blk * QB + w0 + 16 * half;
-                        for (int t = 0; t < T; t++) {
-                            __m512 xv = _mm512_loadu_ps(xs[t] + col);
+                        for (int c = 0; c < 4; c++) {
+                            const int w0 = 128 * n + 64 * pair + 16 * c;
+                            __m512 wv[4];
                             for (int r = 0; r < R; r++)
-                                acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                                wv[r] = _mm512_mul_ps(_mm512_set1_ps(D[r][w0 >> 4]), _mm512_cvtepi32_ps(
+                                    _mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(qb[r] + 16 * c)))));
+                            int64_t col = blk * QB + w0;
+                            for (int t = 0; t < T; t++) {
+                                __m512 xv = _mm512_loadu_ps(xs[t] + col);
+                                for (int r = 0; r < R; r++)
+                                    acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                            }
                         }
                     }
                 }
