@@ -104,9 +104,19 @@ TIDE_AVX2 TIDE_INLINE float f16_at(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
+/* The k-quant 6-bit scales in 32-bit lanes, tide_k4_scale_min's rule for SIMD: the block's first
+ * 16 bytes (d, dmin, then the 12 scale bytes) in each 128-bit lane; per lane (sub-block j, t = 0 for
+ * its scale sc, 1 for its min m) a pshufb by KS_IDX(j, t) brings the byte with the low bits to byte
+ * 0 and, for j >= 4, the byte whose top two bits are bits 4-5 to byte 1 (0x80: a zero byte); then
+ * ((v >> a) & ma) | ((v >> KS_HI_SHIFT) & mb), with a = 4 for the mins of j >= 4 (their low bits
+ * are a high nibble), ma = 63 / 15 and mb = 0 / 0x30 for j < 4 / j >= 4. */
+#define KS_LO(j, t) ((j) < 4 ? 4 + (j) + 4 * (t) : 8 + (j))
+#define KS_HI(j, t) ((j) < 4 ? 0x80 : (j) + 4 * (t))
+#define KS_IDX(j, t) ((int)(KS_LO(j, t) | KS_HI(j, t) << 8 | 0x8080u << 16))
+#define KS_HI_SHIFT 10   /* byte 1's bits 6-7 to bits 4-5 */
+
 /* The block's scales as f32: d * (float)sc and dmin * (float)m (F16C's conversion is exact like
- * tide_blk_f16, the products are blocks.h's). The k-quant 6-bit scales are unpacked four at a time
- * from the three 32-bit words of the 12 scale bytes. */
+ * tide_blk_f16, the products are blocks.h's); the k-quants' by the KS_* rule above. */
 TIDE_AVX2 TIDE_INLINE void block_scales_avx2(int32_t type, const uint8_t *b, float *D, float *M) {
     if (type == TIDE_TYPE_Q4_0) {
         uint16_t h;
@@ -120,16 +130,20 @@ TIDE_AVX2 TIDE_INLINE void block_scales_avx2(int32_t type, const uint8_t *b, flo
         _mm256_storeu_ps(D, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
         _mm256_storeu_ps(D + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
     } else {
-        uint16_t h[2];
-        uint32_t u[3];
-        memcpy(h, b, 4);
-        memcpy(u, b + TIDE_K_OFF_SCALES, 12);
-        uint32_t sc_lo = u[0] & 0x3f3f3f3fu, m_lo = u[1] & 0x3f3f3f3fu;
-        uint32_t sc_hi = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-        uint32_t m_hi = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-        __m128i scv = _mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo), mv = _mm_set_epi32(0, 0, (int)m_hi, (int)m_lo);
-        _mm256_storeu_ps(D, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(h[0])), dec_u8x8(scv)));
-        _mm256_storeu_ps(M, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(h[1])), dec_u8x8(mv)));
+        const __m256i idx_sc = _mm256_setr_epi32(KS_IDX(0, 0), KS_IDX(1, 0), KS_IDX(2, 0), KS_IDX(3, 0),
+                                                 KS_IDX(4, 0), KS_IDX(5, 0), KS_IDX(6, 0), KS_IDX(7, 0));
+        const __m256i idx_m = _mm256_setr_epi32(KS_IDX(0, 1), KS_IDX(1, 1), KS_IDX(2, 1), KS_IDX(3, 1),
+                                                KS_IDX(4, 1), KS_IDX(5, 1), KS_IDX(6, 1), KS_IDX(7, 1));
+        const __m256i a_m = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+        const __m256i ma = _mm256_setr_epi32(63, 63, 63, 63, 15, 15, 15, 15);
+        const __m256i mb = _mm256_setr_epi32(0, 0, 0, 0, 48, 48, 48, 48);
+        __m256i hdr = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)b));
+        __m256i vs = _mm256_shuffle_epi8(hdr, idx_sc), vm = _mm256_shuffle_epi8(hdr, idx_m);
+        __m256i sc = _mm256_or_si256(_mm256_and_si256(vs, ma), _mm256_and_si256(_mm256_srli_epi32(vs, KS_HI_SHIFT), mb));
+        __m256i m = _mm256_or_si256(_mm256_and_si256(_mm256_srlv_epi32(vm, a_m), ma),
+                                    _mm256_and_si256(_mm256_srli_epi32(vm, KS_HI_SHIFT), mb));
+        _mm256_storeu_ps(D, _mm256_mul_ps(_mm256_set1_ps(f16_at(b)), _mm256_cvtepi32_ps(sc)));
+        _mm256_storeu_ps(M, _mm256_mul_ps(_mm256_set1_ps(f16_at(b + 2)), _mm256_cvtepi32_ps(m)));
     }
 }
 

@@ -513,15 +513,9 @@ TIDE_AVX512 TIDE_INLINE __m512 dec_values16(int32_t type, __m128i q, const float
 }
 
 /* The scales of a q4_k / q5_k block as f32, interleaved: DM[2j] = d * sc_j, DM[2j + 1] = dmin * m_j
- * (block_scales_avx2's products, so the same bits), unpacked in vector registers: the block's
- * first 16 bytes (d, dmin, the 12 scale bytes from byte 4) in every 128-bit lane; per dword lane,
- * a pshufb brings the byte with the low bits (KS_LO) to byte 0 and, for j >= 4, the byte whose two
- * high bits are the scale's bits 4-5 (KS_HI) to byte 1; then ((v >> a) & ma) | ((v >> 10) & mb) is
- * tide_k4_scale_min's rule. The scalar unpacking this replaces was a third of a one-token q4_k
- * tile's time (v0 -> this, 64x2048 in L2, one thread: 19-22 -> 15-18 ns a block-row). */
-#define KS_LO(j, t) ((j) < 4 ? 4 + (j) + 4 * (t) : 8 + (j))
-#define KS_HI(j, t) ((j) < 4 ? 0x80 : (j) + 4 * (t))   /* 0x80: pshufb writes a zero byte */
-#define KS_IDX(j, t) ((int)(KS_LO(j, t) | KS_HI(j, t) << 8 | 0x8080u << 16))
+ * (block_scales_avx2's products, so the same bits), by decode_simd.h's KS_* rule on all 16 lanes
+ * at once. The scalar unpacking this replaced was a third of a one-token q4_k tile's time (64x2048
+ * in L2, one thread: 19-22 -> 15-18 ns a block-row). */
 TIDE_AVX512 TIDE_INLINE void k_scales_avx512(const uint8_t *b, float *DM) {
     const __m512i idx = _mm512_setr_epi32(KS_IDX(0, 0), KS_IDX(0, 1), KS_IDX(1, 0), KS_IDX(1, 1),
                                           KS_IDX(2, 0), KS_IDX(2, 1), KS_IDX(3, 0), KS_IDX(3, 1),
@@ -532,16 +526,12 @@ TIDE_AVX512 TIDE_INLINE void k_scales_avx512(const uint8_t *b, float *DM) {
     const __m512i mb = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 48, 48, 48, 48, 48, 48, 48, 48);
     __m512i v = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)b)), idx);
     __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(v, a), ma),
-                                _mm512_and_si512(_mm512_srli_epi32(v, 10), mb));
+                                _mm512_and_si512(_mm512_srli_epi32(v, KS_HI_SHIFT), mb));
     int32_t dd;   /* d and dmin (two f16) in every dword: lane 2j gets d, lane 2j + 1 dmin */
     memcpy(&dd, b, 4);
     __m512 dm = _mm512_cvtph_ps(_mm256_set1_epi32(dd));
     _mm512_storeu_ps(DM, _mm512_mul_ps(dm, _mm512_cvtepi32_ps(q)));
 }
-#undef KS_IDX
-#undef KS_HI
-#undef KS_LO
-
 TIDE_AVX512 TIDE_INLINE __m512 w16_chunk(int32_t type, const char *row, int64_t c) {
     switch (type) {
     case TIDE_TYPE_F16:
