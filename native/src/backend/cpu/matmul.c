@@ -320,7 +320,9 @@ TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t r
  * FMAs run over it, the weight operand loaded straight from the panel. Per (row, token) the same
  * canonical chunk order and horizontal sum, so the bits are those of the tiles above: the batch
  * size still never changes a result. */
-#define PANEL_FLOATS 16384      /* 64 KiB on the thread's stack: the panel stays in L2 */
+#define PANEL_FLOATS 65536      /* 256 KiB on the thread's stack: the panel stays in L2 */
+#define PANEL_MAX_ROWS 64       /* bounds the running sums' buffer beside it (24 KiB) */
+#define PANEL_SLICE 1024        /* columns a tile covers before the next tile: see below */
 #define PANEL_MIN_TOKENS 6      /* below that a decode per 4 tokens costs no more */
 
 TIDE_AVX2 TIDE_INLINE void decode_row_avx2(int32_t type, const char *row, int64_t cols, float *out) {
@@ -342,19 +344,20 @@ TIDE_AVX2 TIDE_INLINE void decode_row_avx2(int32_t type, const char *row, int64_
     }
 }
 
-/* R rows of f32 (stride ws floats) x T tokens; out[r*T + t]. 12 accumulators, 3 x registers and
- * one weight register: the 16 ymm registers of AVX2. Not tile_avx2 with type f32: it loads the R
- * weight chunks first, which at 4x3 needs 17 registers. (Slicing the columns so the token rows
- * stay in L1 measured no faster, here and on AVX-512: the panel rows stream from L2 either way.) */
-TIDE_AVX2 TIDE_INLINE void tile_f32_avx2(const float *w, int64_t ws, int64_t cols,
-                                         const float *const *xs, float *out, const int R,
-                                         const int T) {
+/* R rows of f32 (stride ws floats) x T tokens over columns [c0, c1) of cols: the running sums
+ * start at zero (first) or from acc (acc[(r * TG + t) * 16 ..], as the last slice left them) and
+ * go back there, or on the last slice (c1 == cols) their sums to out[r*T + t]. 12 accumulators, 3
+ * x registers and one weight register: the 16 ymm registers of AVX2. Not tile_avx2 with type f32:
+ * it loads the R weight chunks first, which at 4x3 needs 17 registers. */
+TIDE_AVX2 TIDE_INLINE void tile_f32_avx2(const float *w, int64_t ws, int64_t cols, int64_t c0,
+                                         int64_t c1, const float *const *xs, float *acc_buf,
+                                         float *out, const int R, const int T) {
     __m256 acc[4][3];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++)
-            acc[r][t] = _mm256_setzero_ps();
-    int64_t nc = cols / 8;
-    for (int64_t c = 0; c < nc; c++) {
+            acc[r][t] = c0 ? _mm256_load_ps(acc_buf + (r * 3 + t) * 16) : _mm256_setzero_ps();
+    int64_t nc = c1 / 8;
+    for (int64_t c = c0 / 8; c < nc; c++) {
         __m256 xv[3];
         for (int t = 0; t < T; t++)
             xv[t] = _mm256_loadu_ps(xs[t] + c * 8);
@@ -363,6 +366,12 @@ TIDE_AVX2 TIDE_INLINE void tile_f32_avx2(const float *w, int64_t ws, int64_t col
             for (int t = 0; t < T; t++)
                 acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
         }
+    }
+    if (c1 < cols) {
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++)
+                _mm256_store_ps(acc_buf + (r * 3 + t) * 16, acc[r][t]);
+        return;
     }
     int tail = (int)(cols - nc * 8);
     if (tail) {
@@ -377,13 +386,14 @@ TIDE_AVX2 TIDE_INLINE void tile_f32_avx2(const float *w, int64_t ws, int64_t col
             out[r * T + t] = cpu_hsum8_avx2(acc[r][t]);
 }
 
-TIDE_AVX2 TIDE_INLINE void tile_f32_any_avx2(const float *w, int64_t ws, int64_t cols,
-                                             const float *const *xs, float *out, int R, int T) {
+TIDE_AVX2 TIDE_INLINE void tile_f32_any_avx2(const float *w, int64_t ws, int64_t cols, int64_t c0,
+                                             int64_t c1, const float *const *xs, float *acc_buf,
+                                             float *out, int R, int T) {
 #define TILE(r_, t_) \
-    if (R == r_ && T == t_) { tile_f32_avx2(w, ws, cols, xs, out, r_, t_); return; }
+    if (R == r_ && T == t_) { tile_f32_avx2(w, ws, cols, c0, c1, xs, acc_buf, out, r_, t_); return; }
     TILE(4, 3) TILE(4, 2) TILE(4, 1) TILE(1, 3) TILE(1, 2)
 #undef TILE
-    tile_f32_avx2(w, ws, cols, xs, out, 1, 1);
+    tile_f32_avx2(w, ws, cols, c0, c1, xs, acc_buf, out, 1, 1);
 }
 
 static int panel_fits(int32_t type, const cpu_wview *w, int32_t n_tok) {
@@ -392,14 +402,22 @@ static int panel_fits(int32_t type, const cpu_wview *w, int32_t n_tok) {
 }
 
 /* Rows [r0, r1) x tokens [t0, t1) through f32 panels: a panel's rows decoded once, then tiles of
- * 4 rows x TG tokens (TILE_F32_ANY) over it. The panel is 64-byte aligned: a 16-lane load that
- * straddles two cache lines costs two. One body for the AVX2 and the AVX-512 tiles (a macro, as
- * MATMUL_BLOCK_BODY); both decode with the AVX2 block decoders (a 16-lane decode of q4_k and q6_k
- * measured 10-25% slower on Sapphire Rapids: its widening conversions take the one shuffle port). */
+ * 4 rows x TG tokens (TILE_F32_ANY) over it. Per token group the columns go in slices of
+ * PANEL_SLICE, each over all the panel's rows before the next, the running sums kept in acc_buf
+ * between slices: the group's x slice (24 KiB at 6 tokens) then stays in L1 for every row of the
+ * panel, where a whole x row per tile came from L2 each time (lm_head's shape in q6_k, 16384x2048,
+ * 32 tokens, 2 threads: 98-124 -> 126-138 GFLOP/s, with panels of 8 -> 32 rows; slices of 512
+ * or 256 columns were slower, 64-row panels no faster). The chunks still go in order, so the bits
+ * are the tiles'. The panel is 64-byte aligned: a 16-lane load that straddles two cache lines
+ * costs two. One body for the AVX2 and the AVX-512 tiles (a macro, as MATMUL_BLOCK_BODY); both
+ * decode with the AVX2 block decoders (a 16-lane decode of q4_k and q6_k measured 10-25% slower on
+ * Sapphire Rapids: its widening conversions take the one shuffle port). */
 #define MATMUL_PANEL_BODY(TILE_F32_ANY, TG)                                                       \
     _Alignas(64) float panel[PANEL_FLOATS];                                                       \
+    _Alignas(64) float acc_buf[PANEL_MAX_ROWS * (TG) * 16];                                       \
     const int64_t cols = w->cols;                                                                 \
-    const int64_t prows = PANEL_FLOATS / cols / 4 * 4;                                            \
+    int64_t prows = PANEL_FLOATS / cols / 4 * 4;                                                  \
+    prows = prows < PANEL_MAX_ROWS ? prows : PANEL_MAX_ROWS;                                      \
     for (int64_t b0 = r0; b0 < r1; b0 += prows) {                                                 \
         int64_t nr = r1 - b0 < prows ? r1 - b0 : prows;                                           \
         const float *pw = panel;                                                                  \
@@ -429,14 +447,18 @@ static int panel_fits(int32_t type, const cpu_wview *w, int32_t n_tok) {
                 xs[i] = ts->x + (int64_t)(ts->x_idx ? ts->x_idx[t + i] : t + i) * ts->x_stride;   \
                 ys[i] = ts->y + (int64_t)(ts->y_idx ? ts->y_idx[t + i] : t + i) * ts->y_stride;   \
             }                                                                                     \
-            for (int64_t r = 0; r < nr;) {                                                        \
-                int rg = nr - r >= 4 ? 4 : 1;                                                     \
-                float out[4 * (TG)];                                                              \
-                TILE_F32_ANY(pw + r * ws, ws, cols, xs, out, rg, nt);                             \
-                for (int i = 0; i < nt; i++)                                                      \
-                    for (int k = 0; k < rg; k++)                                                  \
-                        ys[i][b0 + r + k] = out[k * nt + i];                                      \
-                r += rg;                                                                          \
+            for (int64_t c0 = 0; c0 < cols; c0 += PANEL_SLICE) {                                  \
+                int64_t c1 = cols - c0 > PANEL_SLICE ? c0 + PANEL_SLICE : cols;                   \
+                for (int64_t r = 0; r < nr;) {                                                    \
+                    int rg = nr - r >= 4 ? 4 : 1;                                                 \
+                    float out[4 * (TG)];                                                          \
+                    TILE_F32_ANY(pw + r * ws, ws, cols, c0, c1, xs, acc_buf + r * (TG) * 16, out, rg, nt); \
+                    if (c1 == cols)                                                               \
+                        for (int i = 0; i < nt; i++)                                              \
+                            for (int k = 0; k < rg; k++)                                          \
+                                ys[i][b0 + r + k] = out[k * nt + i];                              \
+                    r += rg;                                                                      \
+                }                                                                                 \
             }                                                                                     \
         }                                                                                         \
     }
@@ -829,15 +851,14 @@ TIDE_AVX512 TIDE_INLINE void tile_any_avx512(int32_t type, const char *row, size
  * register of the 32 zmm registers; each chunk loads 10 vectors for 24 FMAs. The canonical 16-lane
  * order of tile_avx512, so the bits are those of its tiles. Its panels hold q5_k / q6_k rows only
  * (matmul_block_avx512), whole 256-value blocks: cols % 16 == 0, no tail chunk. */
-TIDE_AVX512 TIDE_INLINE void tile_f32_avx512(const float *w, int64_t ws, int64_t cols,
-                                             const float *const *xs, float *out, const int R,
-                                             const int T) {
+TIDE_AVX512 TIDE_INLINE void tile_f32_avx512(const float *w, int64_t ws, int64_t cols, int64_t c0,
+                                             int64_t c1, const float *const *xs, float *acc_buf,
+                                             float *out, const int R, const int T) {
     __m512 acc[4][6];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++)
-            acc[r][t] = _mm512_setzero_ps();
-    int64_t nc = cols / 16;
-    for (int64_t c = 0; c < nc; c++) {
+            acc[r][t] = c0 ? _mm512_load_ps(acc_buf + (r * 6 + t) * 16) : _mm512_setzero_ps();
+    for (int64_t c = c0 / 16; c < c1 / 16; c++) {
         __m512 xv[6];
         for (int t = 0; t < T; t++)
             xv[t] = _mm512_loadu_ps(xs[t] + c * 16);
@@ -848,18 +869,23 @@ TIDE_AVX512 TIDE_INLINE void tile_f32_avx512(const float *w, int64_t ws, int64_t
         }
     }
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++)
-            out[r * T + t] = hsum16_avx512(acc[r][t]);
+        for (int t = 0; t < T; t++) {
+            if (c1 < cols)
+                _mm512_store_ps(acc_buf + (r * 6 + t) * 16, acc[r][t]);
+            else
+                out[r * T + t] = hsum16_avx512(acc[r][t]);
+        }
 }
 
-TIDE_AVX512 TIDE_INLINE void tile_f32_any_avx512(const float *w, int64_t ws, int64_t cols,
-                                                 const float *const *xs, float *out, int R, int T) {
+TIDE_AVX512 TIDE_INLINE void tile_f32_any_avx512(const float *w, int64_t ws, int64_t cols, int64_t c0,
+                                                 int64_t c1, const float *const *xs, float *acc_buf,
+                                                 float *out, int R, int T) {
 #define TILE(r_, t_) \
-    if (R == r_ && T == t_) { tile_f32_avx512(w, ws, cols, xs, out, r_, t_); return; }
+    if (R == r_ && T == t_) { tile_f32_avx512(w, ws, cols, c0, c1, xs, acc_buf, out, r_, t_); return; }
     TILE(4, 6) TILE(4, 5) TILE(4, 4) TILE(4, 3) TILE(4, 2) TILE(4, 1)
     TILE(1, 6) TILE(1, 5) TILE(1, 4) TILE(1, 3) TILE(1, 2)
 #undef TILE
-    tile_f32_avx512(w, ws, cols, xs, out, 1, 1);
+    tile_f32_avx512(w, ws, cols, c0, c1, xs, acc_buf, out, 1, 1);
 }
 
 TIDE_AVX512 TIDE_INLINE void matmul_panel_avx512(const int32_t type, const cpu_wview *w, int64_t r0,
