@@ -175,15 +175,6 @@ TIDE_AVX2 TIDE_INLINE __m128i dec_quants16(int32_t type, const uint8_t *b, int w
     return v;
 }
 
-/* The 32 signed quants (q - 32) of q6_k values [128 n + 32 u, +32), one per byte. */
-TIDE_AVX2 TIDE_INLINE __m256i dec_q6_k_quants32(const uint8_t *b, int n, int u) {
-    __m256i lo = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32 * (u & 1)));
-    __m256i hi = _mm256_loadu_si256((const __m256i *)(b + TIDE_Q6K_OFF_QH + 32 * n));
-    lo = _mm256_and_si256(u >= 2 ? _mm256_srli_epi16(lo, 4) : lo, _mm256_set1_epi8(15));
-    hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * u)), _mm256_set1_epi8(3));
-    return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
-}
-
 /* f32 values of 8 quant bytes (the low 8 of q) with the scales of their sub-block. */
 TIDE_AVX2 TIDE_INLINE __m256 dec_values8(int32_t type, __m128i q, const float *D, const float *M, int w0) {
     if (type == TIDE_TYPE_Q4_0)

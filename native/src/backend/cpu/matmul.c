@@ -345,8 +345,8 @@ TIDE_AVX2 TIDE_INLINE void decode_row_avx2(int32_t type, const char *row, int64_
 }
 
 /* R rows of f32 (stride ws floats) x T tokens over columns [c0, c1) of cols: the running sums
- * start at zero (first) or from acc (acc[(r * TG + t) * 16 ..], as the last slice left them) and
- * go back there, or on the last slice (c1 == cols) their sums to out[r*T + t]. 12 accumulators, 3
+ * start at zero when c0 == 0, else from acc_buf[(r * 3 + t) * 16 ..] where the slice before left
+ * them, and go back there, or on the last slice (c1 == cols) their sums to out[r*T + t]. 12 accumulators, 3
  * x registers and one weight register: the 16 ymm registers of AVX2. Not tile_avx2 with type f32:
  * it loads the R weight chunks first, which at 4x3 needs 17 registers. */
 TIDE_AVX2 TIDE_INLINE void tile_f32_avx2(const float *w, int64_t ws, int64_t cols, int64_t c0,
@@ -405,9 +405,11 @@ static int panel_fits(int32_t type, const cpu_wview *w, int32_t n_tok) {
  * 4 rows x TG tokens (TILE_F32_ANY) over it. Per token group the columns go in slices of
  * PANEL_SLICE, each over all the panel's rows before the next, the running sums kept in acc_buf
  * between slices: the group's x slice (24 KiB at 6 tokens) then stays in L1 for every row of the
- * panel, where a whole x row per tile came from L2 each time (lm_head's shape in q6_k, 16384x2048,
- * 32 tokens, 2 threads: 98-124 -> 126-138 GFLOP/s, with panels of 8 -> 32 rows; slices of 512
- * or 256 columns were slower, 64-row panels no faster). The chunks still go in order, so the bits
+ * panel, where a whole x row per tile came from L2 each time. With panels of 8 -> 32 rows, q6_k,
+ * 32 tokens, 2 threads, interleaved: 16384x2048 84-117 -> 97-138 GFLOP/s, lm_head (157184x2048)
+ * 176-219 -> 159-182 ms; slices of 512 or 256 columns were slower, 64-row panels no faster
+ * (slices alone, with 8-row panels, had measured slower still). The panel and its sums take
+ * 280 KiB of stack: the pool's threads get the system's default (8 MiB on Linux), as do Python's. The chunks still go in order, so the bits
  * are the tiles'. The panel is 64-byte aligned: a 16-lane load that straddles two cache lines
  * costs two. One body for the AVX2 and the AVX-512 tiles (a macro, as MATMUL_BLOCK_BODY); both
  * decode with the AVX2 block decoders (a 16-lane decode of q4_k and q6_k measured 10-25% slower on
