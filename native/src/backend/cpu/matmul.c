@@ -324,6 +324,9 @@ TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t r
 #define PANEL_MAX_ROWS 64       /* bounds the running sums' buffer beside it (24 KiB) */
 #define PANEL_SLICE 1024        /* columns a tile covers before the next tile: see below */
 #define PANEL_MIN_TOKENS 6      /* below that a decode per 4 tokens costs no more */
+#define TG_AVX2 3               /* tokens of an AVX2 f32 panel tile (4 x 3 of 16 ymm registers) */
+#define TG_AVX512 6             /* tokens of an AVX-512 one (4 x 6 of 32 zmm registers) */
+#define ACC_SLOT 16             /* floats a running sum takes in acc_buf (a zmm; a ymm uses half) */
 
 TIDE_AVX2 TIDE_INLINE void decode_row_avx2(int32_t type, const char *row, int64_t cols, float *out) {
     const int QB = dec_block_elems(type);
@@ -345,20 +348,20 @@ TIDE_AVX2 TIDE_INLINE void decode_row_avx2(int32_t type, const char *row, int64_
 }
 
 /* R rows of f32 (stride ws floats) x T tokens over columns [c0, c1) of cols: the running sums
- * start at zero when c0 == 0, else from acc_buf[(r * 3 + t) * 16 ..] where the slice before left
- * them, and go back there, or on the last slice (c1 == cols) their sums to out[r*T + t]. 12 accumulators, 3
- * x registers and one weight register: the 16 ymm registers of AVX2. Not tile_avx2 with type f32:
- * it loads the R weight chunks first, which at 4x3 needs 17 registers. */
+ * start at zero when c0 == 0, else from acc_buf[(r * TG_AVX2 + t) * ACC_SLOT ..] where the slice
+ * before left them, and go back there, or on the last slice (c1 == cols) their sums to
+ * out[r*T + t]. 12 accumulators, 3 x registers and one weight register: the 16 ymm registers of
+ * AVX2. Not tile_avx2 with type f32: it loads the R weight chunks first, which at 4x3 needs 17. */
 TIDE_AVX2 TIDE_INLINE void tile_f32_avx2(const float *w, int64_t ws, int64_t cols, int64_t c0,
                                          int64_t c1, const float *const *xs, float *acc_buf,
                                          float *out, const int R, const int T) {
-    __m256 acc[4][3];
+    __m256 acc[4][TG_AVX2];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++)
-            acc[r][t] = c0 ? _mm256_load_ps(acc_buf + (r * 3 + t) * 16) : _mm256_setzero_ps();
+            acc[r][t] = c0 ? _mm256_load_ps(acc_buf + (r * TG_AVX2 + t) * ACC_SLOT) : _mm256_setzero_ps();
     int64_t nc = c1 / 8;
     for (int64_t c = c0 / 8; c < nc; c++) {
-        __m256 xv[3];
+        __m256 xv[TG_AVX2];
         for (int t = 0; t < T; t++)
             xv[t] = _mm256_loadu_ps(xs[t] + c * 8);
         for (int r = 0; r < R; r++) {
@@ -370,7 +373,7 @@ TIDE_AVX2 TIDE_INLINE void tile_f32_avx2(const float *w, int64_t ws, int64_t col
     if (c1 < cols) {
         for (int r = 0; r < R; r++)
             for (int t = 0; t < T; t++)
-                _mm256_store_ps(acc_buf + (r * 3 + t) * 16, acc[r][t]);
+                _mm256_store_ps(acc_buf + (r * TG_AVX2 + t) * ACC_SLOT, acc[r][t]);
         return;
     }
     int tail = (int)(cols - nc * 8);
@@ -409,14 +412,15 @@ static int panel_fits(int32_t type, const cpu_wview *w, int32_t n_tok) {
  * 32 tokens, 2 threads, interleaved: 16384x2048 84-117 -> 97-138 GFLOP/s, lm_head (157184x2048)
  * 176-219 -> 159-182 ms; slices of 512 or 256 columns were slower, 64-row panels no faster
  * (slices alone, with 8-row panels, had measured slower still). The panel and its sums take
- * 280 KiB of stack: the pool's threads get the system's default (8 MiB on Linux), as do Python's. The chunks still go in order, so the bits
- * are the tiles'. The panel is 64-byte aligned: a 16-lane load that straddles two cache lines
- * costs two. One body for the AVX2 and the AVX-512 tiles (a macro, as MATMUL_BLOCK_BODY); both
- * decode with the AVX2 block decoders (a 16-lane decode of q4_k and q6_k measured 10-25% slower on
- * Sapphire Rapids: its widening conversions take the one shuffle port). */
+ * 280 KiB of stack: the pool's threads get the system's default (8 MiB on Linux), as do Python's.
+ * The chunks still go in order, so the bits are the tiles'. The panel is 64-byte aligned: a
+ * 16-lane load that straddles two cache lines costs two. One body for the AVX2 and the AVX-512
+ * tiles (a macro, as MATMUL_BLOCK_BODY); both decode with the AVX2 block decoders (a 16-lane
+ * decode of q4_k and q6_k measured 10-25% slower on Sapphire Rapids: its widening conversions
+ * take the one shuffle port). */
 #define MATMUL_PANEL_BODY(TILE_F32_ANY, TG)                                                       \
     _Alignas(64) float panel[PANEL_FLOATS];                                                       \
-    _Alignas(64) float acc_buf[PANEL_MAX_ROWS * (TG) * 16];                                       \
+    _Alignas(64) float acc_buf[PANEL_MAX_ROWS * (TG) * ACC_SLOT];                                 \
     const int64_t cols = w->cols;                                                                 \
     int64_t prows = PANEL_FLOATS / cols / 4 * 4;                                                  \
     prows = prows < PANEL_MAX_ROWS ? prows : PANEL_MAX_ROWS;                                      \
@@ -454,7 +458,7 @@ static int panel_fits(int32_t type, const cpu_wview *w, int32_t n_tok) {
                 for (int64_t r = 0; r < nr;) {                                                    \
                     int rg = nr - r >= 4 ? 4 : 1;                                                 \
                     float out[4 * (TG)];                                                          \
-                    TILE_F32_ANY(pw + r * ws, ws, cols, c0, c1, xs, acc_buf + r * (TG) * 16, out, rg, nt); \
+                    TILE_F32_ANY(pw + r * ws, ws, cols, c0, c1, xs, acc_buf + r * (TG) * ACC_SLOT, out, rg, nt); \
                     if (c1 == cols)                                                               \
                         for (int i = 0; i < nt; i++)                                              \
                             for (int k = 0; k < rg; k++)                                          \
@@ -468,7 +472,7 @@ static int panel_fits(int32_t type, const cpu_wview *w, int32_t n_tok) {
 TIDE_AVX2 TIDE_INLINE void matmul_panel_avx2(const int32_t type, const cpu_wview *w, int64_t r0,
                                              int64_t r1, const cpu_tokens *ts, int32_t t0,
                                              int32_t t1) {
-    MATMUL_PANEL_BODY(tile_f32_any_avx2, 3)
+    MATMUL_PANEL_BODY(tile_f32_any_avx2, TG_AVX2)
 }
 
 TIDE_AVX2 TIDE_INLINE void matmul_block_avx2(const int32_t type, const cpu_wview *w, int64_t r0,
@@ -856,12 +860,12 @@ TIDE_AVX512 TIDE_INLINE void tile_any_avx512(int32_t type, const char *row, size
 TIDE_AVX512 TIDE_INLINE void tile_f32_avx512(const float *w, int64_t ws, int64_t cols, int64_t c0,
                                              int64_t c1, const float *const *xs, float *acc_buf,
                                              float *out, const int R, const int T) {
-    __m512 acc[4][6];
+    __m512 acc[4][TG_AVX512];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++)
-            acc[r][t] = c0 ? _mm512_load_ps(acc_buf + (r * 6 + t) * 16) : _mm512_setzero_ps();
+            acc[r][t] = c0 ? _mm512_load_ps(acc_buf + (r * TG_AVX512 + t) * ACC_SLOT) : _mm512_setzero_ps();
     for (int64_t c = c0 / 16; c < c1 / 16; c++) {
-        __m512 xv[6];
+        __m512 xv[TG_AVX512];
         for (int t = 0; t < T; t++)
             xv[t] = _mm512_loadu_ps(xs[t] + c * 16);
         for (int r = 0; r < R; r++) {
@@ -873,7 +877,7 @@ TIDE_AVX512 TIDE_INLINE void tile_f32_avx512(const float *w, int64_t ws, int64_t
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) {
             if (c1 < cols)
-                _mm512_store_ps(acc_buf + (r * 6 + t) * 16, acc[r][t]);
+                _mm512_store_ps(acc_buf + (r * TG_AVX512 + t) * ACC_SLOT, acc[r][t]);
             else
                 out[r * T + t] = hsum16_avx512(acc[r][t]);
         }
@@ -893,7 +897,7 @@ TIDE_AVX512 TIDE_INLINE void tile_f32_any_avx512(const float *w, int64_t ws, int
 TIDE_AVX512 TIDE_INLINE void matmul_panel_avx512(const int32_t type, const cpu_wview *w, int64_t r0,
                                                  int64_t r1, const cpu_tokens *ts, int32_t t0,
                                                  int32_t t1) {
-    MATMUL_PANEL_BODY(tile_f32_any_avx512, 6)
+    MATMUL_PANEL_BODY(tile_f32_any_avx512, TG_AVX512)
 }
 
 TIDE_AVX512 TIDE_INLINE void matmul_block_avx512(const int32_t type, const cpu_wview *w, int64_t r0,
