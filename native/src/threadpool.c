@@ -5,6 +5,9 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -48,6 +51,7 @@ typedef struct {
 static void cpu_detect_uncached(tide_cpu_features *f) {
     f->avx2 = 0;
     f->avx512 = 0;
+    f->amx = 0;
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d))
@@ -65,22 +69,32 @@ static void cpu_detect_uncached(tide_cpu_features *f) {
     /* AVX-512 F (EBX bit 16), BW (30), VL (31), and the OS saving opmask + ZMM state (XCR0 5-7) */
     f->avx512 = f->avx2 && ((b >> 16) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1) &&
                 (xlo & 0xe0) == 0xe0;
+    /* AMX-BF16 (EDX bit 22), AMX-TILE (24), AVX512-BF16 (leaf 7.1 EAX bit 5), the tile state in
+     * XCR0 (bits 17-18), and Linux's per-process permission for it, asked once here */
+    int amx = f->avx512 && ((d >> 22) & 1) && ((d >> 24) & 1) && (xlo & 0x60000) == 0x60000;
+    if (amx && __get_cpuid_count(7, 1, &a, &b, &c, &d))
+        amx = (a >> 5) & 1;
+#ifdef __linux__
+    f->amx = amx && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                            18 /* XFEATURE_XTILEDATA */) == 0;
+#endif
 #endif
 }
 
 /* cpuid traps to the hypervisor in a VM (microseconds), so the answer is memoized in a
  * function-static: a pure function of the machine, written once, identical for every caller. */
 void tide_cpu_detect(tide_cpu_features *f) {
-    static atomic_int memo; /* 0: not yet; else 1 | avx2 << 1 | avx512 << 2 */
+    static atomic_int memo; /* 0: not yet; else 1 | avx2 << 1 | avx512 << 2 | amx << 3 */
     int m = atomic_load_explicit(&memo, memory_order_relaxed);
     if (!m) {
         tide_cpu_features d;
         cpu_detect_uncached(&d);
-        m = 1 | (d.avx2 ? 2 : 0) | (d.avx512 ? 4 : 0);
+        m = 1 | (d.avx2 ? 2 : 0) | (d.avx512 ? 4 : 0) | (d.amx ? 8 : 0);
         atomic_store_explicit(&memo, m, memory_order_relaxed);
     }
     f->avx2 = (m >> 1) & 1;
     f->avx512 = (m >> 2) & 1;
+    f->amx = (m >> 3) & 1;
 }
 
 static void *worker_main(void *p) {
@@ -210,6 +224,7 @@ void tide_pool_set_features(tide_pool *pool, const tide_cpu_features *f) {
     tide_cpu_detect(&have);
     pool->features.avx2 = f->avx2 && have.avx2;
     pool->features.avx512 = f->avx512 && have.avx512 && pool->features.avx2;
+    pool->features.amx = f->amx && have.amx && pool->features.avx512;
 }
 
 void tide_pool_run(tide_pool *pool, void (*fn)(void *arg, int ith, int nth), void *arg) {

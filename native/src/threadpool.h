@@ -28,6 +28,8 @@ typedef struct tide_pool tide_pool;
 typedef struct {
     int avx2;   /* AVX2 + FMA + F16C usable: the vector code paths */
     int avx512; /* AVX-512 F + BW + VL usable (implies avx2): the 16-lane matmul tiles */
+    int amx;    /* AMX tiles with bf16 + AVX-512 BF16 usable, the OS granting this process the tile
+                 * state (implies avx512): the dense matmul on tiles (matmul_amx.c) */
 } tide_cpu_features;
 
 /* What this CPU supports (cpuid + xgetbv), memoized in a function-static (a pure function of

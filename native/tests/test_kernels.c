@@ -169,9 +169,10 @@ static int close_dot(float y, double ref, double absum, double tol) {
     return fabs((double)y - ref) <= tol * absum + 1e-30;
 }
 
-/* ---- pools: index 0 = NULL (1 thread), 1 = 1 thread, 2 = 2 threads, 3 = 3 threads; the scalar
- * variants of the same ----------------------------------------------------------------------- */
-static tide_pool *P1, *P2, *P3, *S1, *S2, *A1, *A2;
+/* ---- pools: index 0 = NULL (1 thread), 1 = 1 thread, 2 = 2 threads, 3 = 3 threads (the CPU's
+ * best path: AMX tiles for cpu_matmul where it has them); the scalar (S), AVX2 (A) and AVX-512
+ * without AMX (X) variants of the same ------------------------------------------------------- */
+static tide_pool *P1, *P2, *P3, *S1, *S2, *A1, *A2, *X1, *X2;
 static int have_avx2;
 
 /* The single-thread pool with the same code path as `pool` (rows computed alone use it). */
@@ -180,6 +181,8 @@ static tide_pool *alone_for(tide_pool *pool) {
         return S1;
     if (pool == A1 || pool == A2)
         return A1;
+    if (pool == X1 || pool == X2)
+        return X1;
     return NULL;
 }
 
@@ -319,7 +322,7 @@ static void test_matmul(void) {
     const int64_t shapes[][2] = {{37, 64}, {16, 203}, {9, 35}, {64, 256}, {5, 1}, {130, 2048},
                                  {11, 1003}, {6, 4608}};
     const int32_t ns[] = {1, 2, 3, 4, 5, 8, 10, 11, 33};
-    tide_pool *pools[6] = {NULL, P2, P3, S1, S2, A2};
+    tide_pool *pools[7] = {NULL, P2, P3, S1, S2, A2, X2};
     for (int ti = 0; ti < N_TYPES; ti++) {
         for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
             int64_t rows = shapes[si][0], cols = shapes[si][1];
@@ -334,7 +337,7 @@ static void test_matmul(void) {
                 int32_t n = ns[ni];
                 float *x = xmalloc(sizeof(float) * (size_t)(n * cols));
                 fill(x, n * cols, 1.0f);
-                for (int pi = 0; pi < 6; pi++) {
+                for (int pi = 0; pi < 7; pi++) {
                     tide_pool *pool = pools[pi];
                     float *y = xmalloc(sizeof(float) * (size_t)(n * rows));
                     float *yf = xmalloc(sizeof(float) * (size_t)(n * rows));
@@ -1112,15 +1115,15 @@ static void test_pool(void) {
 }
 
 int main(void) {
-    tide_cpu_features hw, scalar = {0, 0}, avx2 = {1, 0};
+    tide_cpu_features hw, scalar = {0, 0, 0}, avx2 = {1, 0, 0}, avx512 = {1, 1, 0};
     tide_cpu_detect(&hw);
     have_avx2 = hw.avx2;
-    printf("cpu: avx2+fma+f16c %s, avx512 f+bw+vl %s (paths tested: scalar%s%s)\n",
-           hw.avx2 ? "yes" : "no", hw.avx512 ? "yes" : "no", hw.avx2 ? ", avx2" : "",
-           hw.avx512 ? ", avx512" : "");
+    printf("cpu: avx2+fma+f16c %s, avx512 f+bw+vl %s, amx-bf16 %s (paths tested: scalar%s%s%s)\n",
+           hw.avx2 ? "yes" : "no", hw.avx512 ? "yes" : "no", hw.amx ? "yes" : "no",
+           hw.avx2 ? ", avx2" : "", hw.avx512 ? ", avx512" : "", hw.amx ? ", amx" : "");
     if (tide_pool_new(1, &P1) || tide_pool_new(2, &P2) || tide_pool_new(3, &P3) ||
         tide_pool_new(1, &S1) || tide_pool_new(2, &S2) || tide_pool_new(1, &A1) ||
-        tide_pool_new(2, &A2)) {
+        tide_pool_new(2, &A2) || tide_pool_new(1, &X1) || tide_pool_new(2, &X2)) {
         printf("pool creation failed\n");
         return 2;
     }
@@ -1128,6 +1131,8 @@ int main(void) {
     tide_pool_set_features(S2, &scalar);
     tide_pool_set_features(A1, &avx2); /* the AVX2 path even where AVX-512 is there */
     tide_pool_set_features(A2, &avx2);
+    tide_pool_set_features(X1, &avx512); /* the AVX-512 tiles even where AMX is there */
+    tide_pool_set_features(X2, &avx512);
 
     test_pool();
     test_conversions();
@@ -1146,5 +1151,7 @@ int main(void) {
     tide_pool_free(S2);
     tide_pool_free(A1);
     tide_pool_free(A2);
+    tide_pool_free(X1);
+    tide_pool_free(X2);
     return check_report("test_kernels");
 }

@@ -10,6 +10,11 @@
 #include <immintrin.h>
 #define TIDE_X86 1
 #define TIDE_AVX2 __attribute__((target("avx2,fma,f16c")))
+/* compilers that know the AMX and AVX512-BF16 intrinsics (gcc 11, clang 12); where the CPU has
+ * them is a run-time question (tide_cpu_features.amx) */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define TIDE_AMX 1
+#endif
 #endif
 #define TIDE_INLINE static inline __attribute__((always_inline))
 
@@ -40,6 +45,15 @@ void cpu_matmul_view_rows(const tide_cpu_features *f, const cpu_wview *w, int64_
 /* One thread: rows [r0, r1) of w against every token of ts (matmul.c). w is valid. */
 void cpu_matmul_rows(const tide_cpu_features *f, const tide_matrix *w, int64_t r0, int64_t r1,
                      const cpu_tokens *ts);
+#ifdef TIDE_X86
+/* A row of w (cols values of type) as f32, the values every path uses (matmul.c). */
+void cpu_decode_row_avx2(int32_t type, const char *row, int64_t cols, float *out);
+#endif
+#ifdef TIDE_AMX
+/* cpu_matmul on AMX tiles where tide_cpu_features.amx says so (matmul_amx.c); w valid, n > 0. */
+tide_status cpu_matmul_amx(tide_pool *pool, const tide_matrix *w, const float *x, int32_t n,
+                           float *y);
+#endif
 /* Argument check shared by matmul and experts: type, cols, data. */
 int cpu_matrix_ok(const tide_matrix *w);
 

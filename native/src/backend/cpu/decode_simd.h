@@ -35,42 +35,49 @@ TIDE_AVX2 TIDE_INLINE void dec_q4_0_avx2(const uint8_t *b, float *out) {
     _mm256_storeu_ps(out + 24, _mm256_mul_ps(d, dec_i8x8(_mm_srli_si128(hi, 8))));
 }
 
-/* q4_k and q5_k (with_high = 1): per group of 64, the low nibbles (sub-block 2g) then the high. */
-TIDE_AVX2 TIDE_INLINE void dec_k_min_avx2(const uint8_t *b, float *out, const int with_high) {
-    float d = tide_blk_f16(b), dmin = tide_blk_f16(b + 2);
+/* The 32 unsigned quants of sub-block j (0-7) of a q4_k or q5_k (with_high = 1) block: per group
+ * of 64 values, the low nibbles (sub-block 2g) then the high, and q5_k's bit j of each qh byte. */
+TIDE_AVX2 TIDE_INLINE __m256i k_min_quants32_avx2(const uint8_t *b, int j, const int with_high) {
     const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
     const uint8_t *qs = b + (with_high ? TIDE_Q5K_OFF_QS : TIDE_Q4K_OFF_QS);
-    __m256i qh = with_high ? _mm256_loadu_si256((const __m256i *)(b + TIDE_Q5K_OFF_QH)) : _mm256_setzero_si256();
-    for (int g = 0; g < 4; g++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * g));
-        for (int h = 0; h < 2; h++) {
-            int sc, m;
-            tide_k4_scale_min(2 * g + h, b + TIDE_K_OFF_SCALES, &sc, &m);
-            __m256i q = _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, m4);
-            if (with_high) {
-                __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g + h), one);
-                q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
-            }
-            dec_store32(q, _mm256_set1_ps(d * (float)sc), _mm256_set1_ps(dmin * (float)m),
-                        out + 64 * g + 32 * h, 1);
-        }
+    __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j / 2)));
+    __m256i q = _mm256_and_si256((j & 1) ? _mm256_srli_epi16(v, 4) : v, m4);
+    if (with_high) {
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + TIDE_Q5K_OFF_QH));
+        __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, j), one);
+        q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
     }
+    return q;
+}
+
+/* q4_k and q5_k (with_high = 1): sub-block j's 32 values are d * sc_j * q - dmin * m_j. */
+TIDE_AVX2 TIDE_INLINE void dec_k_min_avx2(const uint8_t *b, float *out, const int with_high) {
+    float d = tide_blk_f16(b), dmin = tide_blk_f16(b + 2);
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        tide_k4_scale_min(j, b + TIDE_K_OFF_SCALES, &sc, &m);
+        dec_store32(k_min_quants32_avx2(b, j, with_high), _mm256_set1_ps(d * (float)sc),
+                    _mm256_set1_ps(dmin * (float)m), out + 32 * j, 1);
+    }
+}
+
+/* The 32 signed quants of group u (0-3) of half n (0-1) of a q6_k block: values 128n + 32u + i,
+ * i < 16 with scale sc[8n + 2u], i >= 16 with sc[8n + 2u + 1]. */
+TIDE_AVX2 TIDE_INLINE __m256i q6_k_quants32_avx2(const uint8_t *b, int n, int u) {
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), e32 = _mm256_set1_epi8(32);
+    __m256i src = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32 * (u & 1)));
+    __m256i H = _mm256_loadu_si256((const __m256i *)(b + TIDE_Q6K_OFF_QH + 32 * n));
+    __m256i lo = _mm256_and_si256(u >= 2 ? _mm256_srli_epi16(src, 4) : src, m4);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(H, 2 * u), m3);
+    return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), e32);
 }
 
 TIDE_AVX2 TIDE_INLINE void dec_q6_k_avx2(const uint8_t *b, float *out) {
     float d = tide_blk_f16(b + TIDE_Q6K_OFF_D);
     const int8_t *sc = (const int8_t *)(b + TIDE_Q6K_OFF_SCALES);
-    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), e32 = _mm256_set1_epi8(32);
-    for (int n = 0; n < 2; n++) {
-        const uint8_t *ql = b + 64 * n, *qhp = b + TIDE_Q6K_OFF_QH + 32 * n;
-        __m256i A = _mm256_loadu_si256((const __m256i *)ql);
-        __m256i B = _mm256_loadu_si256((const __m256i *)(ql + 32));
-        __m256i H = _mm256_loadu_si256((const __m256i *)qhp);
+    for (int n = 0; n < 2; n++)
         for (int u = 0; u < 4; u++) {
-            __m256i src = (u & 1) ? B : A;
-            __m256i lo = _mm256_and_si256(u >= 2 ? _mm256_srli_epi16(src, 4) : src, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(H, 2 * u), m3);
-            __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), e32);
+            __m256i q = q6_k_quants32_avx2(b, n, u);
             __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
             float *o = out + 128 * n + 32 * u;
             __m256 D0 = _mm256_set1_ps(d * (float)sc[8 * n + 2 * u]);
@@ -80,7 +87,6 @@ TIDE_AVX2 TIDE_INLINE void dec_q6_k_avx2(const uint8_t *b, float *out) {
             _mm256_storeu_ps(o + 16, _mm256_mul_ps(D1, dec_i8x8(q1)));
             _mm256_storeu_ps(o + 24, _mm256_mul_ps(D1, dec_i8x8(_mm_srli_si128(q1, 8))));
         }
-    }
 }
 
 /* The block decoder of a block type (type is a compile-time constant after inlining). */

@@ -14,8 +14,11 @@
  *   acc = fma(w[8c..], x[8c..], acc) for chunks c = 0, 1, ..., the last chunk zero-padded, then a
  *   fixed horizontal sum; AVX-512 (matmul, and the experts and attention scores built on it;
  *   chosen when the CPU has F+BW+VL): the same with 16 lanes, then lanes 0-7 + 8-15 and the
- *   8-lane sum; scalar: 8 lanes with separate multiply and add. The path is fixed per pool (see
- *   threadpool.h), so one machine always gives the same bits. Because f16, bf16 and q8_0 values
+ *   8-lane sum; scalar: 8 lanes with separate multiply and add; AMX (cpu_matmul only, not the
+ *   experts or attention; chosen when the CPU has AMX-BF16 and the OS grants it): each f32 value
+ *   split into three bf16 parts, six of the nine part products summed by the tile unit in f32,
+ *   chunk by chunk of 32 columns (matmul_amx.c: as accurate as f32, its own order). The path is
+ *   fixed per pool (see threadpool.h), so one machine always gives the same bits. Because f16, bf16 and q8_0 values
  *   (d * q: 11 x 8 significant bits) are exact in f32, a matmul over any type gives bit for bit
  *   what the f32 matmul over its dequantized matrix gives.
  * - Elementwise ops (add, silu_mul, moe_combine, rmsnorm's scaling) are bit-identical between
@@ -84,7 +87,9 @@ float cpu_dot_f32(const tide_cpu_features *f, const float *a, const float *b, in
 
 /* y[t][r] = dot(W[r], x[t]) for t < n, r < w->rows; x [n, w->cols], y [n, w->rows].
  * Each weight row is read from memory once per block of up to 64 tokens (blocks of rows stay in
- * L2 while groups of 4 tokens pass); threads split the rows in groups of 4. */
+ * L2 while groups of 4 tokens pass); threads split the rows in groups of 4. On an AMX machine
+ * every call goes to the tiles (matmul_amx.c), whatever n: rows in panels of 16, each decoded
+ * once per call. */
 tide_status cpu_matmul(tide_pool *pool, const tide_matrix *w, const float *x, int32_t n, float *y);
 
 /* ---- norms, rope, attention (norm_rope.c, attention.c) --------------------------------------- */

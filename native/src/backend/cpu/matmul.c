@@ -347,6 +347,10 @@ TIDE_AVX2 TIDE_INLINE void decode_row_avx2(int32_t type, const char *row, int64_
     }
 }
 
+TIDE_AVX2 void cpu_decode_row_avx2(int32_t type, const char *row, int64_t cols, float *out) {
+    decode_row_avx2(type, row, cols, out);
+}
+
 /* R rows of f32 (stride ws floats) x T tokens over columns [c0, c1) of cols: the running sums
  * start at zero when c0 == 0, else from acc_buf[(r * TG_AVX2 + t) * ACC_SLOT ..] where the slice
  * before left them, and go back there, or on the last slice (c1 == cols) their sums to
@@ -1058,6 +1062,10 @@ tide_status cpu_matmul(tide_pool *pool, const tide_matrix *w, const float *x, in
     if (n == 0 || w->rows == 0)
         return TIDE_OK;
     matmul_job j = {tide_pool_features(pool), w, {x, w->cols, NULL, y, w->rows, NULL, n}};
+#ifdef TIDE_AMX
+    if (j.f.amx)
+        return cpu_matmul_amx(pool, w, x, n, y);
+#endif
     tide_pool_run(pool, matmul_thread, &j);
     return TIDE_OK;
 }
