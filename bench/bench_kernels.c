@@ -194,12 +194,12 @@ int main(int argc, char **argv) {
         return 1;
     }
     if (argc > 3) { /* "avx2" or "scalar": restrict the code path */
-        tide_cpu_features r = {strcmp(argv[3], "avx2") == 0, 0};
+        tide_cpu_features r = {strcmp(argv[3], "avx2") == 0, 0, 0};
         tide_pool_set_features(pool, &r);
     }
     tide_cpu_features f = tide_pool_features(pool);
-    printf("threads %d, avx2 %s, avx512 %s, working set %.0f MiB\n", tide_pool_size(pool), f.avx2 ? "yes" : "no", f.avx512 ? "yes" : "no",
-           ws / 1048576.0);
+    printf("threads %d, avx2 %s, avx512 %s, amx %s (matmul), working set %.0f MiB\n", tide_pool_size(pool),
+           f.avx2 ? "yes" : "no", f.avx512 ? "yes" : "no", f.amx ? "yes" : "no", ws / 1048576.0);
     bench_membw((size_t)1 << 30, tide_pool_size(pool));
 
     /* one LLaDA2.0-mini routed expert's bytes (gate + up + down: 3 x 512 x 2048) as one

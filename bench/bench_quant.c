@@ -94,12 +94,17 @@ int main(int argc, char **argv) {
     size_t set = (size_t)(argc > 2 ? atoi(argv[2]) : 768) << 20;
     int ns[2] = {1, 32}, n_ns = 2;
     if (argc > 3) { ns[0] = atoi(argv[3]); n_ns = 1; }
-    tide_pool *pool = NULL;
-    if (tide_pool_new(nt, &pool) != TIDE_OK) return 1;
-    tide_cpu_features f = tide_pool_features(pool);
+    tide_pool *pool = NULL, *epool = NULL;
+    if (tide_pool_new(nt, &pool) != TIDE_OK || tide_pool_new(nt, &epool) != TIDE_OK) return 1;
+    /* the expert shapes on the path the experts op takes: its tiles never go to AMX (only the
+     * dense matmuls do, matmul_amx.c), so the expert pool has it off */
+    tide_cpu_features f = tide_pool_features(pool), fe = f;
+    fe.amx = 0;
+    tide_pool_set_features(epool, &fe);
     double bw = membw(pool, set);
-    printf("threads %d, %s, read bandwidth %.1f GB/s (best of 7 passes over %zu MiB)\n",
-           tide_pool_size(pool), f.avx512 ? "avx512" : f.avx2 ? "avx2" : "scalar", bw, set >> 20);
+    printf("threads %d, experts %s, lm_head %s, read bandwidth %.1f GB/s (best of 7 passes over %zu MiB)\n",
+           tide_pool_size(pool), f.avx512 ? "avx512" : f.avx2 ? "avx2" : "scalar",
+           f.amx ? "amx" : f.avx512 ? "avx512" : f.avx2 ? "avx2" : "scalar", bw, set >> 20);
     const int32_t types[] = {TIDE_TYPE_BF16, TIDE_TYPE_Q8_0, TIDE_TYPE_Q6_K, TIDE_TYPE_Q5_K,
                              TIDE_TYPE_Q4_K, TIDE_TYPE_Q4_0};
     const char *only = argc > 4 ? argv[4] : NULL; /* one type by name */
@@ -107,13 +112,14 @@ int main(int argc, char **argv) {
         for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
             if (only && strcmp(only, tname(types[t])) != 0) continue;
             /* LLaDA2.0-mini routed expert: gate/up [512 x 2048], down [2048 x 512] */
-            bench(pool, "expert gate 512x2048", types[t], 512, 2048, set, ns[k], bw);
-            bench(pool, "expert down 2048x512", types[t], 2048, 512, set, ns[k], bw);
+            bench(epool, "expert gate 512x2048", types[t], 512, 2048, set, ns[k], bw);
+            bench(epool, "expert down 2048x512", types[t], 2048, 512, set, ns[k], bw);
             /* the output projection (157184 x 2048; q6_k in a q4_k_m file) on all the rows of
              * a step: the largest matmul of a many-token step, bound by its FMAs, not DRAM */
             if (ns[k] > 1)
                 bench(pool, "lm_head 157184x2048", types[t], 157184, 2048, set, ns[k], bw);
         }
     tide_pool_free(pool);
+    tide_pool_free(epool);
     return 0;
 }
