@@ -77,6 +77,8 @@ static void cpu_detect_uncached(tide_cpu_features *f) {
 #ifdef __linux__
     f->amx = amx && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
                             18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+    (void)amx; /* elsewhere the tile state's permission is not asked for: no AMX */
 #endif
 #endif
 }
