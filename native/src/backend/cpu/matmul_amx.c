@@ -91,6 +91,7 @@ typedef struct {
     int32_t n;
     float *y;
     int64_t kpad;   /* cols rounded up to AMX_COLS; the columns above cols are zeros */
+    size_t rb;      /* bytes of a weight row */
     int64_t ps;     /* a part plane's row stride (bf16): kpad and one 64-byte line, so that the
                      * 16 rows of an A tile do not share one L1 set when kpad is a power of 2 */
     int32_t groups; /* token groups of AMX_TOK; the tokens above n are zeros */
@@ -138,11 +139,11 @@ static void build_b_thread(void *p, int ith, int nth) {
  * same quants and scales, the same one rounding), then split in registers. */
 TIDE_AMX_FN static void kquant_row_planes(int32_t type, const uint8_t *row, int64_t cols,
                                           uint16_t *p0, int64_t plane) {
-    const size_t bb = tide_row_bytes(type, 256);
+    const size_t bb = dec_block_bytes(type);
     for (int64_t blk = 0; blk < cols / 256; blk++) {
         const uint8_t *b = row + blk * bb;
         float d = tide_blk_f16(type == TIDE_TYPE_Q6_K ? b + TIDE_Q6K_OFF_D : b);
-        float dmin = tide_blk_f16(b + 2); /* q4_k / q5_k only */
+        float dmin = type == TIDE_TYPE_Q6_K ? 0.0f : tide_blk_f16(b + 2);
         for (int j = 0; j < 8; j++) {
             __m512 lo, hi;
             if (type == TIDE_TYPE_Q6_K) {
@@ -179,7 +180,7 @@ TIDE_AMX_FN static void build_a_row(const amx_job *j, int64_t r0, int64_t nr, in
             memset(planes + (p * AMX_ROWS + r) * j->ps, 0, (size_t)kpad * 2);
         return;
     }
-    size_t rb = tide_row_bytes(w->type, w->cols);
+    const size_t rb = j->rb;
     if (w->type == TIDE_TYPE_Q4_K || w->type == TIDE_TYPE_Q5_K || w->type == TIDE_TYPE_Q6_K) {
         kquant_row_planes(w->type, (const uint8_t *)w->data + (size_t)(r0 + r) * rb, w->cols,
                           planes + r * j->ps, AMX_ROWS * j->ps);
@@ -276,7 +277,8 @@ TIDE_AMX_FN static void matmul_amx_thread(void *p, int ith, int nth) {
 tide_status cpu_matmul_amx(tide_pool *pool, const tide_matrix *w, const float *x, int32_t n,
                            float *y) {
     int64_t kpad = (w->cols + AMX_COLS - 1) / AMX_COLS * AMX_COLS;
-    amx_job j = {w, x, n, y, kpad, kpad + AMX_COLS, (n + AMX_TOK - 1) / AMX_TOK, NULL, NULL, 0};
+    amx_job j = {w, x, n, y, kpad, tide_row_bytes(w->type, w->cols), kpad + AMX_COLS,
+                 (n + AMX_TOK - 1) / AMX_TOK, NULL, NULL, 0};
     size_t xb_bytes = (size_t)j.groups * (size_t)j.kpad * AMX_TOK * AMX_PARTS * 2;
     j.scratch_bytes = ((size_t)j.kpad * sizeof(float) + AMX_ROWS * AMX_TOK * sizeof(float) +
                        (size_t)AMX_PARTS * AMX_ROWS * j.ps * 2 + 63) / 64 * 64;
