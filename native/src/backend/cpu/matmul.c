@@ -114,23 +114,36 @@ TIDE_AVX2 TIDE_INLINE __m256 w_tail_avx2(int32_t type, const char *row, int64_t 
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-/* Share `step` of n_steps of the prefetch of the next tile's rows (n_lines 64-byte lines from p:
- * the R rows after a tile's R are contiguous with them). A tile that streams its rows spreads it
- * over its blocks or chunks so the next rows are in cache when it starts them. The hardware
- * prefetcher alone lags: each row is a separate stream, too short for it to catch when rows are
- * 512 values (measured on the 2048x512 expert matrices: q8_0 from 5 to 14 GB/s with 2 threads). */
-TIDE_INLINE void prefetch_share(const char *p, size_t n_lines, int64_t n_steps, int64_t step) {
+/* Share `step` of n_steps of a streaming tile's prefetch: the rows of the next tile (`bytes` from
+ * `next`: the R rows after a tile's R are contiguous with them) into L1, and those of the tile
+ * after it into L2. A tile that streams its rows spreads this over its blocks or chunks, so each
+ * tile's rows reach L2 two tiles ahead and L1 one tile ahead. The hardware prefetcher alone lags:
+ * each row is a separate stream, too short for it to catch when rows are 512 values (measured on
+ * the 2048x512 expert matrices: q8_0 from 5 to 14 GB/s with 2 threads). Two levels because an L1
+ * prefetch holds one of the core's few L1 miss buffers until its line comes from DRAM, which
+ * capped the lines in flight, while the L1 prefetch of lines already in L2 is short. One token's
+ * experts of a layer (bench_quant, 2 threads), against the tile after next into L1 alone, AVX-512:
+ * bf16 20.9-21.0 -> 24.6-24.7 GB/s, q8_0 18.5-19.1 -> 20.5-20.7, q6_k 17.2 -> 17.9-18.7, q4_k
+ * 16.5-16.6 -> 18.1-18.3 (bench/results/quant_kernels_avx512.txt); AVX2 (the next tile into L1
+ * before): bf16 and q8_0 as much, the k-quants, bound by their decode there, within a few %. */
+TIDE_INLINE void prefetch_share(const char *next, size_t bytes, int64_t n_steps, int64_t step) {
+    if (!bytes)
+        return;
+    const char *line0 = (const char *)((uintptr_t)next & ~(uintptr_t)63);
+    size_t n_lines = ((size_t)(next - line0) + bytes + 63) / 64;
     size_t per = (n_lines + (size_t)n_steps - 1) / (size_t)n_steps;
     size_t end = ((size_t)step + 1) * per < n_lines ? ((size_t)step + 1) * per : n_lines;
-    for (size_t l = (size_t)step * per; l < end; l++)
-        _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+    for (size_t l = (size_t)step * per; l < end; l++) {
+        _mm_prefetch(line0 + 64 * l, _MM_HINT_T0);
+        _mm_prefetch(line0 + bytes + 64 * l, _MM_HINT_T1);
+    }
 }
 
-/* The 64-byte lines of a tile's R rows that the tile before it prefetches: all of them when the
- * rows are read once (`stream`: a single token group) and packed (not the strided K/V rows of
- * attention), else 0. One rule for the AVX2 and the AVX-512 tiles. */
-TIDE_INLINE size_t stream_prefetch_lines(int32_t type, int64_t cols, size_t rb, int R, int stream) {
-    return stream && rb == tide_row_bytes(type, cols) ? ((size_t)R * rb + 63) / 64 : 0;
+/* The bytes of a tile's R rows that the tile before it prefetches: all of them when the rows are
+ * read once (`stream`: a single token group) and packed (not the strided K/V rows of attention),
+ * else 0. One rule for the AVX2 and the AVX-512 tiles. */
+TIDE_INLINE size_t stream_prefetch_bytes(int32_t type, int64_t cols, size_t rb, int R, int stream) {
+    return stream && rb == tide_row_bytes(type, cols) ? (size_t)R * rb : 0;
 }
 
 /* Block blk of row r of a tile (q4_0 / k-quants): its address, the first `lines` 64-byte lines
@@ -159,12 +172,12 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
             acc[r][t] = _mm256_setzero_ps();
     int64_t nc = cols / 8;
     const int QB = dec_block_elems(type);
-    /* stream (the rows are read once, by a single token group): the next tile's rows,
+    /* stream (the rows are read once, by a single token group): the next two tiles' rows,
      * prefetched a share a step, where rows are packed (not the strided K/V rows of attention).
      * With more token groups the rows come again from L2 for each (MATMUL_BLOCK_BODY), and the
      * prefetch would only evict their x rows from L1. */
     const char *next = row + (size_t)R * rb;
-    const size_t next_lines = stream_prefetch_lines(type, cols, rb, R, stream);
+    const size_t next_bytes = stream_prefetch_bytes(type, cols, rb, R, stream);
     if (QB) {
         /* q4_0 / k-quants: per block each row's scales to f32 once, then each 8-value chunk
          * decoded into a register (blocks.h's exact values) and used for all T tokens; the
@@ -174,8 +187,8 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         const int64_t nb = cols / QB;
         for (int64_t blk = 0; blk < nb; blk++) {
             const uint8_t *bp[8];
-            prefetch_share(next, next_lines, nb, blk);
-            int ahead = next_lines ? 0 : 2;   /* not streaming: lines of each row's own blocks */
+            prefetch_share(next, next_bytes, nb, blk);
+            int ahead = next_bytes ? 0 : 2;   /* not streaming: lines of each row's own blocks */
             for (int r = 0; r < R; r++)
                 bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 1, D[r], M[r]);
             /* row by row: one row's 16 values decoded and used for every token at once, so
@@ -203,11 +216,11 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         for (int64_t blk = 0; blk < nb; blk++) {
             __m256 d[8];
             const tide_block_q8_0 *bp[8];
-            prefetch_share(next, next_lines, nb, blk);
+            prefetch_share(next, next_bytes, nb, blk);
             for (int r = 0; r < R; r++) {
                 bp[r] = (const tide_block_q8_0 *)(row + r * rb) + blk;
                 d[r] = _mm256_set1_ps(_cvtsh_ss(bp[r]->d));
-                if (!next_lines)   /* not streaming: ~1 KiB ahead in each row */
+                if (!next_bytes)   /* not streaming: ~1 KiB ahead in each row */
                     _mm_prefetch((const char *)(bp[r] + 32), _MM_HINT_T0);
             }
             for (int sub = 0; sub < 4; sub++) {
@@ -227,7 +240,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
     }
     for (int64_t c = 0; c < nc; c++) {
         __m256 wv[8];
-        prefetch_share(next, next_lines, nc, c);
+        prefetch_share(next, next_bytes, nc, c);
         for (int r = 0; r < R; r++)
             wv[r] = w_chunk_avx2(type, row + r * rb, c);
         for (int t = 0; t < T; t++) {
@@ -590,13 +603,6 @@ TIDE_AVX512 TIDE_INLINE __m512 w16_tail(int32_t type, const char *row, int64_t c
     }
 }
 
-/* How far ahead a streaming AVX-512 tile prefetches: the rows of the tile after next (one tile
- * ahead is only 1.2 KB of lead for a 4-row q4_k tile of a 2048x512 expert matrix). Against no
- * streaming prefetch (each row's own blocks a few ahead), one-token matmuls of the expert shapes
- * went, in % of read bandwidth: bf16 down 68-71 -> 100, q8_0 58-75 -> 62-90, q6_k 31-52 ->
- * 46-63 (bench/results/quant_kernels_avx512.txt). q4_k and q5_k are held by their decode. */
-#define STREAM_TILES_AHEAD 2
-
 TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t rb, int64_t cols,
                                          const float *const *xs, float *out, const int R,
                                          const int T, int stream) {
@@ -608,9 +614,9 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
     const int QB = dec_block_elems(type);
     /* stream: as the AVX2 tile, a share of a later tile's rows a step; otherwise each row's
      * own blocks a few ahead (`ahead` lines of each) */
-    const char *next = row + (size_t)(STREAM_TILES_AHEAD * R) * rb;
-    const size_t next_lines = stream_prefetch_lines(type, cols, rb, R, stream);
-    const int ahead = next_lines ? 0 : 2;
+    const char *next = row + (size_t)R * rb;
+    const size_t next_bytes = stream_prefetch_bytes(type, cols, rb, R, stream);
+    const int ahead = next_bytes ? 0 : 2;
     if (QB) {
         /* as the AVX2 tile, with 16-value chunks */
         const size_t BB = dec_block_bytes(type);
@@ -624,7 +630,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
                 float DM[4][16];
-                prefetch_share(next, next_lines, cols / QB, blk);
+                prefetch_share(next, next_bytes, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
                     bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 0, NULL, NULL);
                     if (k4)
@@ -680,7 +686,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
                 const uint8_t *bp[4];
                 float DM[4][16];
                 __m512i qh[4][2];
-                prefetch_share(next, next_lines, cols / QB, blk);
+                prefetch_share(next, next_bytes, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
                     bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 0, NULL, NULL);
                     k_scales_avx512(bp[r], DM[r]);
@@ -737,10 +743,10 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             const __m512i hi_pair = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
             /* not streaming: 4 lines of each row's own 210-byte blocks ahead (q6_k's lead from
              * before the streaming prefetch; the other types take `ahead`) */
-            const int ahead_q6 = next_lines ? 0 : 4;
+            const int ahead_q6 = next_bytes ? 0 : 4;
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
-                prefetch_share(next, next_lines, cols / QB, blk);
+                prefetch_share(next, next_bytes, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
                     bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead_q6, 1, D[r], M[r]);
                 }
@@ -776,7 +782,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             float D[4][16], M[4][16];
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
-                prefetch_share(next, next_lines, cols / QB, blk);
+                prefetch_share(next, next_bytes, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
                     bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 1, D[r], M[r]);
                 }
@@ -797,11 +803,11 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
         for (int64_t blk = 0; blk < nc / 2; blk++) {
             __m512 d[4];
             const tide_block_q8_0 *bp[4];
-            prefetch_share(next, next_lines, nc / 2, blk);
+            prefetch_share(next, next_bytes, nc / 2, blk);
             for (int r = 0; r < R; r++) {
                 bp[r] = (const tide_block_q8_0 *)(row + r * rb) + blk;
                 d[r] = _mm512_set1_ps(_cvtsh_ss(bp[r]->d));
-                if (!next_lines)   /* not streaming: ~1 KiB ahead in each row */
+                if (!next_bytes)   /* not streaming: ~1 KiB ahead in each row */
                     _mm_prefetch((const char *)(bp[r] + 32), _MM_HINT_T0);
             }
             for (int sub = 0; sub < 2; sub++) {
@@ -820,7 +826,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
     } else {
         for (int64_t c = 0; c < nc; c++) {
             __m512 wv[4];
-            prefetch_share(next, next_lines, nc, c);
+            prefetch_share(next, next_bytes, nc, c);
             for (int r = 0; r < R; r++)
                 wv[r] = w16_chunk(type, row + r * rb, c);
             for (int t = 0; t < T; t++) {
