@@ -44,110 +44,159 @@ static const char *tname(int32_t t) {
     }
 }
 
+/* `rows` rows of `cols` random values in [-0.01, 0.01] quantized to `type` at dst (state s). */
+static void random_rows(int32_t type, int64_t rows, int64_t cols, char *dst, uint64_t *s) {
+    float *src = malloc(sizeof(float) * (size_t)cols);
+    if (!src) { printf("no memory\n"); exit(1); }
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < cols; i++) {
+            *s ^= *s << 13; *s ^= *s >> 7; *s ^= *s << 17;
+            src[i] = (float)((int64_t)(*s % 2001) - 1000) * 1e-5f;
+        }
+        cpu_quantize_row(type, src, cols, dst + (size_t)r * tide_row_bytes(type, cols));
+    }
+    free(src);
+}
+
+/* n values of x, 64-byte aligned as the engine's activations (the CPU backend's buffers): malloc's
+ * 16-byte offset splits every 16-lane load of x across two cache lines (lm_head n=32: 250 vs 193 ms) */
+static float *activations(int64_t n) {
+    float *x = NULL;
+    if (posix_memalign((void **)&x, 64, sizeof(float) * (size_t)n) != 0) { printf("no memory\n"); exit(1); }
+    for (int64_t i = 0; i < n; i++) x[i] = (float)((i * 37) % 101) * 0.01f - 0.5f;
+    return x;
+}
+
+/* call(ctx, i) on copies i = 0, 1, ..., count - 1, 0, ... for passes of at least 0.1 s and every
+ * copy, for 1 s: the best pass's seconds per call, wall and CPU time per thread. */
+static void time_calls(tide_pool *pool, int count, void (*call)(void *, int), void *ctx, double *per,
+                       double *cper) {
+    double start = now();
+    int i = 0, nth = tide_pool_size(pool);
+    *per = *cper = 1e30;
+    do {
+        int calls = 0;
+        double t0 = now(), c0 = cpu_now(), dt;
+        do {
+            call(ctx, i);
+            i = (i + 1) % count;
+            calls++;
+            dt = now() - t0;
+        } while (dt < 0.1 || calls < count);
+        double dc = (cpu_now() - c0) / nth;
+        if (dt / calls < *per) *per = dt / calls;
+        if (dc / calls < *cper) *cper = dc / calls;
+    } while (now() - start < 1.0);
+}
+
+static void report(const char *label, int32_t type, int n, double per, double cper, size_t bytes,
+                   double flops, double bw) {
+    double gbs = bytes / per / 1e9;
+    printf("%-22s %-5s n=%-2d %8.3f ms  %6.1f GB/s  %5.1f%% of read bw  %7.1f GFLOP/s | cpu-time %6.1f GB/s\n",
+           label, tname(type), n, per * 1e3, gbs, 100.0 * gbs / bw, flops / per / 1e9, bytes / cper / 1e9);
+    fflush(stdout);
+}
+
+typedef struct {
+    tide_pool *pool;
+    tide_matrix m;
+    const char *data;
+    const float *x;
+    int n;
+    float *y;
+} matmul_ctx;
+
+static void matmul_call(void *p, int i) {
+    matmul_ctx *c = p;
+    c->m.data = (char *)c->data + c->m.nbytes * (size_t)i;
+    cpu_matmul(c->pool, &c->m, c->x, c->n, c->y);
+}
+
 /* Matrices of rows x cols filling about `set` bytes, cycled; prints the best pass's GB/s. */
 static void bench(tide_pool *pool, const char *label, int32_t type, int64_t rows, int64_t cols,
                   size_t set, int n, double bw) {
-    size_t rb = tide_row_bytes(type, cols), mb = rb * (size_t)rows;
+    size_t mb = tide_row_bytes(type, cols) * (size_t)rows;
     int count = (int)(set / mb) + 1;
     char *data = malloc(mb * (size_t)count);
-    float *src = malloc(sizeof(float) * (size_t)cols);
-    if (!data || !src) { printf("no memory\n"); exit(1); }
+    float *x = activations((int64_t)n * cols), *y = malloc(sizeof(float) * (size_t)(n * rows));
+    if (!data || !y) { printf("no memory\n"); exit(1); }
     uint64_t s = 88172645463325252ull;
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = 0; i < cols; i++) {
-            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
-            src[i] = (float)((int64_t)(s % 2001) - 1000) * 1e-5f;
-        }
-        cpu_quantize_row(type, src, cols, data + (size_t)r * rb);
-    }
+    random_rows(type, rows, cols, data, &s);
     for (int i = 1; i < count; i++) memcpy(data + mb * (size_t)i, data, mb);
-    /* x 64-byte aligned as the engine's activations (the CPU backend's buffers): malloc's 16-byte
-     * offset splits every 16-lane load of x across two cache lines (lm_head n=32: 250 vs 193 ms) */
-    float *x = NULL, *y = malloc(sizeof(float) * (size_t)(n * rows));
-    if (posix_memalign((void **)&x, 64, sizeof(float) * (size_t)(n * cols)) != 0 || !y) { printf("no memory\n"); exit(1); }
-    for (int64_t i = 0; i < n * cols; i++) x[i] = (float)((i * 37) % 101) * 0.01f - 0.5f;
-    double per = 1e30, cper = 1e30, start = now();
-    int i = 0, nth = tide_pool_size(pool);
-    do {
-        int calls = 0;
-        double t0 = now(), c0 = cpu_now(), dt;
-        do {
-            tide_matrix m = {type, rows, cols, mb, data + mb * (size_t)i};
-            cpu_matmul(pool, &m, x, n, y);
-            i = (i + 1) % count;
-            calls++;
-            dt = now() - t0;
-        } while (dt < 0.1 || calls < count);
-        double dc = (cpu_now() - c0) / nth;
-        if (dt / calls < per) per = dt / calls;
-        if (dc / calls < cper) cper = dc / calls;
-    } while (now() - start < 1.0);
-    double gbs = mb / per / 1e9;
-    printf("%-22s %-5s n=%-2d %8.3f ms  %6.1f GB/s  %5.1f%% of read bw  %7.1f GFLOP/s | cpu-time %6.1f GB/s\n",
-           label, tname(type), n, per * 1e3, gbs, 100.0 * gbs / bw, 2.0 * rows * cols * n / per / 1e9,
-           mb / cper / 1e9);
-    fflush(stdout);
-    free(data); free(src); free(x); free(y);
+    matmul_ctx c = {pool, {type, rows, cols, mb, NULL}, data, x, n, y};
+    double per, cper;
+    time_calls(pool, count, matmul_call, &c, &per, &cper);
+    report(label, type, n, per, cper, mb, 2.0 * rows * cols * n, bw);
+    free(data); free(x); free(y);
 }
 
 /* One token's routed experts of a LLaDA2.0-mini MoE layer through the experts op (the engine's
- * one-row step: 8 experts of gate/up [512 x 2048] and down [2048 x 512], two pool runs), sets of
- * 8 distinct experts cycled so the weights come from DRAM; GB/s of expert weights read. */
+ * one-row step: 8 experts of gate/up [512 x 2048] and down [2048 x 512], two pool runs). The
+ * weights lie as in a GGUF, one tensor per role holding every expert, and each call takes 8
+ * experts scattered over them (a fixed shuffle; ascending, as the host plan lists them), so no
+ * expert follows the one before it in memory and each comes from DRAM; GB/s of expert weights. */
+enum { L_USED = 8, L_FF = 512, L_DIM = 2048 };
+typedef struct {
+    tide_pool *pool;
+    int32_t type;
+    const char *gate, *up, *down; /* [n_exp] matrices each */
+    size_t gb, db;                /* bytes of a gate (= up) and a down matrix */
+    const int32_t *pick;          /* [calls][L_USED] expert ids, ascending within a call */
+    const float *x;
+    float *out;
+} layer_ctx;
+
+static void layer_call(void *p, int i) {
+    layer_ctx *c = p;
+    tide_matrix g[L_USED], u[L_USED], d[L_USED];
+    int32_t start[L_USED + 1], tok[L_USED], dest[L_USED];
+    for (int k = 0; k < L_USED; k++) {
+        size_t e = (size_t)c->pick[L_USED * i + k];
+        g[k] = (tide_matrix){c->type, L_FF, L_DIM, c->gb, (char *)c->gate + c->gb * e};
+        u[k] = (tide_matrix){c->type, L_FF, L_DIM, c->gb, (char *)c->up + c->gb * e};
+        d[k] = (tide_matrix){c->type, L_DIM, L_FF, c->db, (char *)c->down + c->db * e};
+        start[k] = k, tok[k] = 0, dest[k] = k;
+    }
+    start[L_USED] = L_USED;
+    tide_expert_batch b = {L_USED, g, u, d, start, tok, dest};
+    cpu_experts(c->pool, &b, c->x, L_DIM, c->out);
+}
+
+static int cmp_i32(const void *a, const void *b) {
+    return (*(const int32_t *)a > *(const int32_t *)b) - (*(const int32_t *)a < *(const int32_t *)b);
+}
+
 static void bench_layer(tide_pool *pool, int32_t type, size_t set, double bw) {
-    enum { USED = 8, FF = 512, DIM = 2048 };
-    size_t gb = tide_row_bytes(type, DIM) * FF, db = tide_row_bytes(type, FF) * DIM;
-    size_t eb = 2 * gb + db, lb = USED * eb;   /* one expert, one layer's 8 */
+    size_t gb = tide_row_bytes(type, L_DIM) * L_FF, db = tide_row_bytes(type, L_FF) * L_DIM;
+    size_t lb = L_USED * (2 * gb + db); /* one call's weights */
     int count = (int)(set / lb) + 1;
-    char *data = malloc(lb * (size_t)count);
-    float *src = malloc(sizeof(float) * DIM);
-    float *x = NULL, *out = malloc(sizeof(float) * USED * DIM);
-    if (!data || !src || !out || posix_memalign((void **)&x, 64, sizeof(float) * DIM) != 0) {
-        printf("no memory\n");
-        exit(1);
-    }
+    size_t n_exp = (size_t)L_USED * (size_t)count;
+    char *data = malloc((2 * gb + db) * n_exp);
+    int32_t *pick = malloc(sizeof(int32_t) * n_exp);
+    float *x = activations(L_DIM), *out = malloc(sizeof(float) * L_USED * L_DIM);
+    if (!data || !pick || !out) { printf("no memory\n"); exit(1); }
+    char *gate = data, *up = data + gb * n_exp, *down = data + 2 * gb * n_exp;
     uint64_t s = 88172645463325252ull;
-    for (size_t off = 0; off < eb;) {   /* one expert's rows, then copies */
-        int64_t cols = off < 2 * gb ? DIM : FF;
-        for (int64_t i = 0; i < cols; i++) {
-            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
-            src[i] = (float)((int64_t)(s % 2001) - 1000) * 1e-5f;
-        }
-        cpu_quantize_row(type, src, cols, data + off);
-        off += tide_row_bytes(type, cols);
+    random_rows(type, L_FF, L_DIM, gate, &s);
+    random_rows(type, L_FF, L_DIM, up, &s);
+    random_rows(type, L_DIM, L_FF, down, &s);
+    for (size_t e = 1; e < n_exp; e++) {
+        memcpy(gate + gb * e, gate, gb);
+        memcpy(up + gb * e, up, gb);
+        memcpy(down + db * e, down, db);
     }
-    for (size_t e = 1; e < (size_t)USED * (size_t)count; e++) memcpy(data + eb * e, data, eb);
-    for (int64_t i = 0; i < DIM; i++) x[i] = (float)((i * 37) % 101) * 0.01f - 0.5f;
-    tide_matrix g[USED], u[USED], d[USED];
-    int32_t start[USED + 1], tok[USED], dest[USED];
-    for (int k = 0; k <= USED; k++) start[k] = k;
-    for (int k = 0; k < USED; k++) tok[k] = 0, dest[k] = k;
-    tide_expert_batch b = {USED, g, u, d, start, tok, dest};
-    double per = 1e30, cper = 1e30, begin = now();
-    int i = 0, nth = tide_pool_size(pool);
-    do {
-        int calls = 0;
-        double t0 = now(), c0 = cpu_now(), dt;
-        do {
-            for (int k = 0; k < USED; k++) {
-                char *e = data + lb * (size_t)i + eb * (size_t)k;
-                g[k] = (tide_matrix){type, FF, DIM, gb, e};
-                u[k] = (tide_matrix){type, FF, DIM, gb, e + gb};
-                d[k] = (tide_matrix){type, DIM, FF, db, e + 2 * gb};
-            }
-            cpu_experts(pool, &b, x, DIM, out);
-            i = (i + 1) % count;
-            calls++;
-            dt = now() - t0;
-        } while (dt < 0.1 || calls < count);
-        double dc = (cpu_now() - c0) / nth;
-        if (dt / calls < per) per = dt / calls;
-        if (dc / calls < cper) cper = dc / calls;
-    } while (now() - begin < 1.0);
-    double gbs = lb / per / 1e9;
-    printf("experts layer 8 of 1 tok %-5s       %8.3f ms  %6.1f GB/s  %5.1f%% of read bw  %7.1f GFLOP/s | cpu-time %6.1f GB/s\n",
-           tname(type), per * 1e3, gbs, 100.0 * gbs / bw, 2.0 * 3 * USED * FF * DIM / per / 1e9, lb / cper / 1e9);
-    fflush(stdout);
-    free(data); free(src); free(x); free(out);
+    for (size_t e = 0; e < n_exp; e++) pick[e] = (int32_t)e;
+    for (size_t e = n_exp - 1; e > 0; e--) { /* Fisher-Yates with the same xorshift */
+        s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+        size_t k = (size_t)(s % (e + 1));
+        int32_t t = pick[e]; pick[e] = pick[k]; pick[k] = t;
+    }
+    for (int i = 0; i < count; i++) qsort(pick + L_USED * i, L_USED, sizeof(int32_t), cmp_i32);
+    layer_ctx c = {pool, type, gate, up, down, gb, db, pick, x, out};
+    double per, cper;
+    time_calls(pool, count, layer_call, &c, &per, &cper);
+    report("experts layer, 1 tok", type, 1, per, cper, lb, 2.0 * 3 * L_USED * L_FF * L_DIM, bw);
+    free(data); free(pick); free(x); free(out);
 }
 
 int main(int argc, char **argv) {

@@ -114,36 +114,46 @@ TIDE_AVX2 TIDE_INLINE __m256 w_tail_avx2(int32_t type, const char *row, int64_t 
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-/* Share `step` of n_steps of a streaming tile's prefetch: the rows of the next tile (`bytes` from
- * `next`: the R rows after a tile's R are contiguous with them) into L1, and those of the tile
- * after it into L2. A tile that streams its rows spreads this over its blocks or chunks, so each
- * tile's rows reach L2 two tiles ahead and L1 one tile ahead. The hardware prefetcher alone lags:
- * each row is a separate stream, too short for it to catch when rows are 512 values (measured on
- * the 2048x512 expert matrices: q8_0 from 5 to 14 GB/s with 2 threads). Two levels because an L1
- * prefetch holds one of the core's few L1 miss buffers until its line comes from DRAM, which
- * capped the lines in flight, while the L1 prefetch of lines already in L2 is short. One token's
- * experts of a layer (bench_quant, 2 threads), against the tile after next into L1 alone, AVX-512:
- * bf16 20.9-21.0 -> 24.6-24.7 GB/s, q8_0 18.5-19.1 -> 20.5-20.7, q6_k 17.2 -> 17.9-18.7, q4_k
- * 16.5-16.6 -> 18.1-18.3 (bench/results/quant_kernels_avx512.txt); AVX2 (the next tile into L1
- * before): bf16 and q8_0 as much, the k-quants, bound by their decode there, within a few %. */
-TIDE_INLINE void prefetch_share(const char *next, size_t bytes, int64_t n_steps, int64_t step) {
+/* Share `step` of n_steps of a streaming tile's prefetch: `bytes` from `next` (the rows after the
+ * tile's, which are contiguous with them), the first `tile` of them (the next tile) into L1, the
+ * rest (the tile after it) into L2. A tile that streams its rows spreads this over its blocks or
+ * chunks, so each tile's rows reach L2 two tiles ahead and L1 one tile ahead. The hardware
+ * prefetcher alone lags: each row is a separate stream, too short for it to catch when rows are
+ * 512 values (measured on the 2048x512 expert matrices: q8_0 from 5 to 14 GB/s with 2 threads). Two
+ * levels because an L1 prefetch holds one of the core's few L1 miss buffers until its line comes
+ * from DRAM, which capped the lines in flight, while the L1 prefetch of lines already in L2 is
+ * short. One token's experts of a layer (bench_quant, 2 threads, AVX-512), against the tile after
+ * next into L1 alone and fetched past a matrix's end: bf16 20.3-20.5 -> 22.7 GB/s, q6_k 15.9-16.1 ->
+ * 17.2-17.4, q4_k 13.3-13.5 -> 17.8-18.0 (bench/results/quant_kernels_avx512.txt); on the AVX2
+ * path (the next tile into L1 before) bf16 and q8_0 gain 10%, the decode-bound k-quants 0-10%. */
+TIDE_INLINE void prefetch_share(const char *next, size_t bytes, size_t tile, int64_t n_steps,
+                                int64_t step) {
     if (!bytes)
         return;
+    /* each step the same share of both tiles, line l of the next and line l of the one after (all
+     * of the next tile's lines first, then the other's, cost q4_k 15%: the L2 lead shrank) */
     const char *line0 = (const char *)((uintptr_t)next & ~(uintptr_t)63);
-    size_t n_lines = ((size_t)(next - line0) + bytes + 63) / 64;
+    size_t lead = (size_t)(next - line0), stop = lead + bytes;
+    size_t n_lines = (lead + tile + 63) / 64;
     size_t per = (n_lines + (size_t)n_steps - 1) / (size_t)n_steps;
     size_t end = ((size_t)step + 1) * per < n_lines ? ((size_t)step + 1) * per : n_lines;
     for (size_t l = (size_t)step * per; l < end; l++) {
-        _mm_prefetch(line0 + 64 * l, _MM_HINT_T0);
-        _mm_prefetch(line0 + bytes + 64 * l, _MM_HINT_T1);
+        if (64 * l < stop)
+            _mm_prefetch(line0 + 64 * l, _MM_HINT_T0);
+        if (tile + 64 * l < stop)
+            _mm_prefetch(line0 + tile + 64 * l, _MM_HINT_T1);
     }
 }
 
-/* The bytes of a tile's R rows that the tile before it prefetches: all of them when the rows are
- * read once (`stream`: a single token group) and packed (not the strided K/V rows of attention),
- * else 0. One rule for the AVX2 and the AVX-512 tiles. */
-TIDE_INLINE size_t stream_prefetch_bytes(int32_t type, int64_t cols, size_t rb, int R, int stream) {
-    return stream && rb == tide_row_bytes(type, cols) ? (size_t)R * rb : 0;
+/* The bytes after a tile of R rows that it prefetches (prefetch_share): the rows of the next two
+ * tiles, as many of them as the thread reads (`after`: its rows after this tile's; a matrix's last
+ * tiles would otherwise fetch what lies past its end, not the next expert's rows, which are
+ * elsewhere), when the rows are read once (a single token group) and packed (not the strided K/V
+ * rows of attention); else 0. One rule for the AVX2 and the AVX-512 tiles. */
+TIDE_INLINE size_t stream_prefetch_bytes(int32_t type, int64_t cols, size_t rb, int R, int64_t after) {
+    if (after <= 0 || rb != tide_row_bytes(type, cols))
+        return 0;
+    return (size_t)(after < 2 * R ? after : 2 * R) * rb;
 }
 
 /* Block blk of row r of a tile (q4_0 / k-quants): its address, the first `lines` 64-byte lines
@@ -165,7 +175,7 @@ TIDE_AVX2 TIDE_INLINE const uint8_t *tile_block_avx2(int32_t type, const char *r
  * no second accumulator), so a one-token step needs 8 rows in flight to cover the FMA latency. */
 TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, int64_t cols,
                                      const float *const *xs, float *out, const int R, const int T,
-                                     int stream) {
+                                     int64_t after) {
     __m256 acc[8][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++)
@@ -177,7 +187,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
      * With more token groups the rows come again from L2 for each (MATMUL_BLOCK_BODY), and the
      * prefetch would only evict their x rows from L1. */
     const char *next = row + (size_t)R * rb;
-    const size_t next_bytes = stream_prefetch_bytes(type, cols, rb, R, stream);
+    const size_t next_bytes = stream_prefetch_bytes(type, cols, rb, R, after);
     if (QB) {
         /* q4_0 / k-quants: per block each row's scales to f32 once, then each 8-value chunk
          * decoded into a register (blocks.h's exact values) and used for all T tokens; the
@@ -187,7 +197,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         const int64_t nb = cols / QB;
         for (int64_t blk = 0; blk < nb; blk++) {
             const uint8_t *bp[8];
-            prefetch_share(next, next_bytes, nb, blk);
+            prefetch_share(next, next_bytes, (size_t)R * rb, nb, blk);
             int ahead = next_bytes ? 0 : 2;   /* not streaming: lines of each row's own blocks */
             for (int r = 0; r < R; r++)
                 bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 1, D[r], M[r]);
@@ -216,7 +226,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
         for (int64_t blk = 0; blk < nb; blk++) {
             __m256 d[8];
             const tide_block_q8_0 *bp[8];
-            prefetch_share(next, next_bytes, nb, blk);
+            prefetch_share(next, next_bytes, (size_t)R * rb, nb, blk);
             for (int r = 0; r < R; r++) {
                 bp[r] = (const tide_block_q8_0 *)(row + r * rb) + blk;
                 d[r] = _mm256_set1_ps(_cvtsh_ss(bp[r]->d));
@@ -240,7 +250,7 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
     }
     for (int64_t c = 0; c < nc; c++) {
         __m256 wv[8];
-        prefetch_share(next, next_bytes, nc, c);
+        prefetch_share(next, next_bytes, (size_t)R * rb, nc, c);
         for (int r = 0; r < R; r++)
             wv[r] = w_chunk_avx2(type, row + r * rb, c);
         for (int t = 0; t < T; t++) {
@@ -270,9 +280,9 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
 /* Dispatch a (R, T) tile with constant shape; the type is a constant of the caller. */
 TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t rb, int64_t cols,
                                          const float *const *xs, float *out, int R, int T,
-                                         int stream) {
+                                         int64_t after) {
 #define TILE(r_, t_) \
-    if (R == r_ && T == t_) { tile_avx2(type, row, rb, cols, xs, out, r_, t_, stream); return; }
+    if (R == r_ && T == t_) { tile_avx2(type, row, rb, cols, xs, out, r_, t_, after); return; }
     TILE(2, 4) TILE(2, 3) TILE(4, 2) TILE(8, 1) TILE(4, 1)
     TILE(1, 4) TILE(1, 3) TILE(1, 2) TILE(1, 1)
 #undef TILE
@@ -284,6 +294,8 @@ TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t r
  * time; 4 tokens as two 2x4 tiles, 3 as two 2x3, 2 as one 4x2, 1 as one 4x1 (8x1 on AVX2);
  * leftover rows one at a time. One body for the AVX2 and the AVX-512 tiles (a macro: the target
  * attributes of the two must not mix). */
+/* What a tile ending at row r + e streams ahead: the thread's rows after it (0: not streaming). */
+#define STREAM_AFTER(e) (stream ? r1 - (r + (e)) : 0)
 #define MATMUL_BLOCK_BODY(TILE_ANY, BIG)                                                          \
     size_t rb = w->rb;                                                                            \
     int64_t cols = w->cols;                                                                       \
@@ -306,16 +318,16 @@ TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t r
                 const char *row = w->data + (size_t)r * rb;                                       \
                 float out[16];                                                                    \
                 if (rg == 8) {                                                                    \
-                    TILE_ANY(type, row, rb, cols, xs, out, 8, 1, stream);                              \
+                    TILE_ANY(type, row, rb, cols, xs, out, 8, 1, STREAM_AFTER(8));                     \
                 } else if (rg == 4) {                                                             \
                     if (nt >= 3 && !(BIG)) {                                                      \
-                        TILE_ANY(type, row, rb, cols, xs, out, 2, nt, stream);                         \
-                        TILE_ANY(type, row + 2 * rb, rb, cols, xs, out + 2 * nt, 2, nt, stream);       \
+                        TILE_ANY(type, row, rb, cols, xs, out, 2, nt, STREAM_AFTER(2));                \
+                        TILE_ANY(type, row + 2 * rb, rb, cols, xs, out + 2 * nt, 2, nt, STREAM_AFTER(4)); \
                     } else {                                                                      \
-                        TILE_ANY(type, row, rb, cols, xs, out, 4, nt, stream);                         \
+                        TILE_ANY(type, row, rb, cols, xs, out, 4, nt, STREAM_AFTER(4));                \
                     }                                                                             \
                 } else {                                                                          \
-                    TILE_ANY(type, row, rb, cols, xs, out, 1, nt, stream);                             \
+                    TILE_ANY(type, row, rb, cols, xs, out, 1, nt, STREAM_AFTER(1));                    \
                 }                                                                                 \
                 for (int i = 0; i < nt; i++)                                                      \
                     for (int k = 0; k < rg; k++)                                                  \
@@ -605,7 +617,7 @@ TIDE_AVX512 TIDE_INLINE __m512 w16_tail(int32_t type, const char *row, int64_t c
 
 TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t rb, int64_t cols,
                                          const float *const *xs, float *out, const int R,
-                                         const int T, int stream) {
+                                         const int T, int64_t after) {
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++)
@@ -615,7 +627,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
     /* stream: as the AVX2 tile, a share of a later tile's rows a step; otherwise each row's
      * own blocks a few ahead (`ahead` lines of each) */
     const char *next = row + (size_t)R * rb;
-    const size_t next_bytes = stream_prefetch_bytes(type, cols, rb, R, stream);
+    const size_t next_bytes = stream_prefetch_bytes(type, cols, rb, R, after);
     const int ahead = next_bytes ? 0 : 2;
     if (QB) {
         /* as the AVX2 tile, with 16-value chunks */
@@ -630,7 +642,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
                 float DM[4][16];
-                prefetch_share(next, next_bytes, cols / QB, blk);
+                prefetch_share(next, next_bytes, (size_t)R * rb, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
                     bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 0, NULL, NULL);
                     if (k4)
@@ -686,7 +698,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
                 const uint8_t *bp[4];
                 float DM[4][16];
                 __m512i qh[4][2];
-                prefetch_share(next, next_bytes, cols / QB, blk);
+                prefetch_share(next, next_bytes, (size_t)R * rb, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
                     bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 0, NULL, NULL);
                     k_scales_avx512(bp[r], DM[r]);
@@ -746,7 +758,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             const int ahead_q6 = next_bytes ? 0 : 4;
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
-                prefetch_share(next, next_bytes, cols / QB, blk);
+                prefetch_share(next, next_bytes, (size_t)R * rb, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
                     bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead_q6, 1, D[r], M[r]);
                 }
@@ -782,7 +794,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             float D[4][16], M[4][16];
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
-                prefetch_share(next, next_bytes, cols / QB, blk);
+                prefetch_share(next, next_bytes, (size_t)R * rb, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
                     bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 1, D[r], M[r]);
                 }
@@ -803,7 +815,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
         for (int64_t blk = 0; blk < nc / 2; blk++) {
             __m512 d[4];
             const tide_block_q8_0 *bp[4];
-            prefetch_share(next, next_bytes, nc / 2, blk);
+            prefetch_share(next, next_bytes, (size_t)R * rb, nc / 2, blk);
             for (int r = 0; r < R; r++) {
                 bp[r] = (const tide_block_q8_0 *)(row + r * rb) + blk;
                 d[r] = _mm512_set1_ps(_cvtsh_ss(bp[r]->d));
@@ -826,7 +838,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
     } else {
         for (int64_t c = 0; c < nc; c++) {
             __m512 wv[4];
-            prefetch_share(next, next_bytes, nc, c);
+            prefetch_share(next, next_bytes, (size_t)R * rb, nc, c);
             for (int r = 0; r < R; r++)
                 wv[r] = w16_chunk(type, row + r * rb, c);
             for (int t = 0; t < T; t++) {
@@ -855,9 +867,9 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
 
 TIDE_AVX512 TIDE_INLINE void tile_any_avx512(int32_t type, const char *row, size_t rb, int64_t cols,
                                              const float *const *xs, float *out, int R, int T,
-                                             int stream) {
+                                             int64_t after) {
 #define TILE(r_, t_) \
-    if (R == r_ && T == t_) { tile_avx512(type, row, rb, cols, xs, out, r_, t_, stream); return; }
+    if (R == r_ && T == t_) { tile_avx512(type, row, rb, cols, xs, out, r_, t_, after); return; }
     TILE(4, 4) TILE(4, 3) TILE(4, 2) TILE(4, 1)
     TILE(1, 4) TILE(1, 3) TILE(1, 2) TILE(1, 1)
 #undef TILE
