@@ -288,14 +288,16 @@ TIDE_AVX2 TIDE_INLINE void tile_any_avx2(int32_t type, const char *row, size_t r
 #undef TILE
 }
 
+/* In MATMUL_BLOCK_BODY: what a tile ending at row r + e streams ahead, the thread's rows after it
+ * (0: not streaming). */
+#define STREAM_AFTER(e) (stream ? r1 - (r + (e)) : 0)
+
 /* Tokens in [t0, t1), rows [r0, r1). Rows go in blocks that stay in L2 (<= 256 KiB); within a
  * block, each group of 4 tokens (their x rows in L1) meets every row of the block, so x is read
  * from L1 and weights from L2 (from DRAM once, on the first token group). Tiles: 4 rows at a
  * time; 4 tokens as two 2x4 tiles, 3 as two 2x3, 2 as one 4x2, 1 as one 4x1 (8x1 on AVX2);
  * leftover rows one at a time. One body for the AVX2 and the AVX-512 tiles (a macro: the target
  * attributes of the two must not mix). */
-/* What a tile ending at row r + e streams ahead: the thread's rows after it (0: not streaming). */
-#define STREAM_AFTER(e) (stream ? r1 - (r + (e)) : 0)
 #define MATMUL_BLOCK_BODY(TILE_ANY, BIG)                                                          \
     size_t rb = w->rb;                                                                            \
     int64_t cols = w->cols;                                                                       \
