@@ -18,9 +18,9 @@
  *   experts or attention; chosen when the CPU has AMX-BF16 and the OS grants it): each f32 value
  *   split into three bf16 parts, six of the nine part products summed by the tile unit in f32,
  *   chunk by chunk of 32 columns (matmul_amx.c: as accurate as f32, its own order). The path is
- *   fixed per pool (see threadpool.h), so one machine always gives the same bits. Because f16, bf16 and q8_0 values
- *   (d * q: 11 x 8 significant bits) are exact in f32, a matmul over any type gives bit for bit
- *   what the f32 matmul over its dequantized matrix gives.
+ *   fixed per pool (see threadpool.h), so one machine always gives the same bits. Because f16,
+ *   bf16 and q8_0 values (d * q: 11 x 8 significant bits) are exact in f32, a matmul over any type
+ *   gives bit for bit what the f32 matmul over its dequantized matrix gives.
  * - Elementwise ops (add, silu_mul, moe_combine, rmsnorm's scaling) are bit-identical between
  *   the code paths; dot products, exp-based ops and reductions are not (each path is
  *   deterministic; a machine uses one). CUDA kernels will not match these bits either.

@@ -182,8 +182,9 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
             acc[r][t] = _mm256_setzero_ps();
     int64_t nc = cols / 8;
     const int QB = dec_block_elems(type);
-    /* stream (the rows are read once, by a single token group): the next two tiles' rows,
-     * prefetched a share a step, where rows are packed (not the strided K/V rows of attention).
+    /* streaming (after > 0: the rows are read once, by a single token group): the next two
+     * tiles' rows, as far as the thread's rows go, prefetched a share a step (prefetch_share),
+     * where rows are packed (not the strided K/V rows of attention).
      * With more token groups the rows come again from L2 for each (MATMUL_BLOCK_BODY), and the
      * prefetch would only evict their x rows from L1. */
     const char *next = row + (size_t)R * rb;
@@ -626,8 +627,8 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             acc[r][t] = _mm512_setzero_ps();
     int64_t nc = cols / 16;
     const int QB = dec_block_elems(type);
-    /* stream: as the AVX2 tile, a share of a later tile's rows a step; otherwise each row's
-     * own blocks a few ahead (`ahead` lines of each) */
+    /* streaming (after > 0): as the AVX2 tile, a share of the next two tiles' rows a step;
+     * otherwise each row's own blocks a few ahead (`ahead` lines of each) */
     const char *next = row + (size_t)R * rb;
     const size_t next_bytes = stream_prefetch_bytes(type, cols, rb, R, after);
     const int ahead = next_bytes ? 0 : 2;
