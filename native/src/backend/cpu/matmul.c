@@ -690,55 +690,63 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
             }
         } else if (type == TIDE_TYPE_Q5_K) {
             /* 5-bit quants through a 32-entry table per sub-block, tlo | thi = fmsub(D, k, M) for
-             * k = 0..31, picked by vpermt2ps (bit 4 of its index chooses thi): the index is the
-             * nibble in bits 0-3 (the quant bytes widened to 32 bits, shifted for the high
-             * nibbles) and, in bit 4, the sub-block's bit of the qh byte (widened too); bits
-             * above 4 are not read. The same values as dec_values16 in fewer ops. */
+             * k = 0..31, picked by vpermt2ps (bit 4 of its index chooses thi). The indices are
+             * assembled as bytes, 128 at a time with 512-bit ops (a pair of groups: qs's 64
+             * bytes, qh in both 256-bit halves shifted per half so the groups' two bits land at
+             * bits 0-1 of each byte): nibble in bits 0-3, the qh bit in bit 4, the bits above
+             * not read. Stored, then each 16-value chunk widened from there (a load and one
+             * shuffle, no extracts). A third fewer vector ops than assembling each chunk's index
+             * in 32-bit lanes; the same values as dec_values16. */
             const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
             const __m512 iota16 = _mm512_add_ps(iota, _mm512_set1_ps(16.0f));
-            const __m512i m4 = _mm512_set1_epi32(15);
+            const __m512i m4 = _mm512_set1_epi8(15);
+            /* qh word shifts: group 2p's bits (2g, 2g + 1) in the low half, group 2p + 1's in the high */
+            const __m512i qh_shift[2] = {
+                _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1),
+                _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1)};
+            /* idx[r][p][h]: bytes 0-31 sub-block 4p + h, 32-63 sub-block 4p + 2 + h */
+            _Alignas(64) uint8_t idx[4][2][2][64];
             for (int64_t blk = 0; blk < cols / QB; blk++) {
                 const uint8_t *bp[4];
                 float DM[4][16];
-                __m512i qh[4][2];
                 prefetch_share(next, next_bytes, (size_t)R * rb, cols / QB, blk);
                 for (int r = 0; r < R; r++) {
                     bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 0, NULL, NULL);
                     k_scales_avx512(bp[r], DM[r]);
-                    for (int part = 0; part < 2; part++)
-                        qh[r][part] = _mm512_cvtepu8_epi32(
-                            _mm_loadu_si128((const __m128i *)(bp[r] + TIDE_Q5K_OFF_QH + 16 * part)));
+                    const __m512i qh = _mm512_broadcast_i64x4(
+                        _mm256_loadu_si256((const __m256i *)(bp[r] + TIDE_Q5K_OFF_QH)));
+                    for (int p = 0; p < 2; p++) {
+                        __m512i qs = _mm512_loadu_si512(bp[r] + TIDE_Q5K_OFF_QS + 64 * p);
+                        __m512i sh = _mm512_srlv_epi16(qh, qh_shift[p]);
+                        /* 0xE4: m4 ? nibble : high bit (bits 4-7 of the second operand) */
+                        _mm512_store_si512(idx[r][p][0],
+                                           _mm512_ternarylogic_epi32(qs, _mm512_slli_epi16(sh, 4), m4, 0xE4));
+                        _mm512_store_si512(idx[r][p][1],
+                                           _mm512_ternarylogic_epi32(_mm512_srli_epi16(qs, 4),
+                                                                     _mm512_slli_epi16(sh, 3), m4, 0xE4));
+                    }
                 }
-                for (int g = 0; g < 4; g++) {
-                    __m512i qs[4][2];
-                    for (int r = 0; r < R; r++)
-                        for (int part = 0; part < 2; part++)
-                            qs[r][part] = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                                (const __m128i *)(bp[r] + TIDE_Q5K_OFF_QS + 32 * g + 16 * part)));
-                    for (int h = 0; h < 2; h++) {
-                        const int j = 2 * g + h;   /* the sub-block */
-                        __m512 tlo[4], thi[4];
+                for (int j = 0; j < 8; j++) {
+                    /* sub-block j = 2g + h: group g = 2p + q lies in pair p, half q */
+                    const int g = j >> 1, h = j & 1, pp = g >> 1, q = g & 1;
+                    __m512 tlo[4], thi[4];
+                    for (int r = 0; r < R; r++) {
+                        __m512 D = _mm512_set1_ps(DM[r][2 * j]), M = _mm512_set1_ps(DM[r][2 * j + 1]);
+                        tlo[r] = _mm512_fmsub_ps(D, iota, M);
+                        thi[r] = _mm512_fmsub_ps(D, iota16, M);
+                    }
+                    for (int part = 0; part < 2; part++) {
+                        __m512 wv[4];
                         for (int r = 0; r < R; r++) {
-                            __m512 D = _mm512_set1_ps(DM[r][2 * j]), M = _mm512_set1_ps(DM[r][2 * j + 1]);
-                            tlo[r] = _mm512_fmsub_ps(D, iota, M);
-                            thi[r] = _mm512_fmsub_ps(D, iota16, M);
+                            __m512i ix = _mm512_cvtepu8_epi32(
+                                _mm_load_si128((const __m128i *)(idx[r][pp][h] + 32 * q + 16 * part)));
+                            wv[r] = _mm512_permutex2var_ps(tlo[r], ix, thi[r]);
                         }
-                        for (int part = 0; part < 2; part++) {
-                            __m512 wv[4];
-                            for (int r = 0; r < R; r++) {
-                                __m512i lo = h ? _mm512_srli_epi32(qs[r][part], 4) : qs[r][part];
-                                __m512i hi = j <= 4 ? _mm512_slli_epi32(qh[r][part], 4 - j)
-                                                    : _mm512_srli_epi32(qh[r][part], j - 4);
-                                /* bits 0-3 from lo, the rest from hi (0xE4: m4 ? lo : hi) */
-                                __m512i idx = _mm512_ternarylogic_epi32(lo, hi, m4, 0xE4);
-                                wv[r] = _mm512_permutex2var_ps(tlo[r], idx, thi[r]);
-                            }
-                            int64_t col = blk * QB + 32 * j + 16 * part;
-                            for (int t = 0; t < T; t++) {
-                                __m512 xv = _mm512_loadu_ps(xs[t] + col);
-                                for (int r = 0; r < R; r++)
-                                    acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
-                            }
+                        int64_t col = blk * QB + 32 * j + 16 * part;
+                        for (int t = 0; t < T; t++) {
+                            __m512 xv = _mm512_loadu_ps(xs[t] + col);
+                            for (int r = 0; r < R; r++)
+                                acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
                         }
                     }
                 }
