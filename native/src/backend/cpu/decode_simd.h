@@ -24,11 +24,18 @@ TIDE_AVX2 TIDE_INLINE void dec_store32(__m256i q, __m256 D, __m256 M, float *out
     }
 }
 
+/* The 32 signed quants of a q4_0 block (q - 8): the low nibbles (values 0-15), then the high. */
+TIDE_AVX2 TIDE_INLINE void q4_0_quants32_avx2(const uint8_t *b, __m128i *lo, __m128i *hi) {
+    const __m128i m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
+    __m128i qs = _mm_loadu_si128((const __m128i *)(b + 2));
+    *lo = _mm_sub_epi8(_mm_and_si128(qs, m4), e8);
+    *hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), e8);
+}
+
 TIDE_AVX2 TIDE_INLINE void dec_q4_0_avx2(const uint8_t *b, float *out) {
     __m256 d = _mm256_set1_ps(tide_blk_f16(b));
-    __m128i qs = _mm_loadu_si128((const __m128i *)(b + 2)), m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
-    __m128i lo = _mm_sub_epi8(_mm_and_si128(qs, m4), e8);
-    __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), e8);
+    __m128i lo, hi;
+    q4_0_quants32_avx2(b, &lo, &hi);
     _mm256_storeu_ps(out, _mm256_mul_ps(d, dec_i8x8(lo)));
     _mm256_storeu_ps(out + 8, _mm256_mul_ps(d, dec_i8x8(_mm_srli_si128(lo, 8))));
     _mm256_storeu_ps(out + 16, _mm256_mul_ps(d, dec_i8x8(hi)));
@@ -99,10 +106,11 @@ TIDE_AVX2 TIDE_INLINE void dec_block_avx2(int32_t type, const uint8_t *b, float 
     }
 }
 
-/* ---- chunk decoders: the values of one 8- or 16-value chunk straight into a register ---------
+/* ---- chunk decoders: the values of one 8-value chunk straight into a register -----------------
  * Per block, block_scales_avx2() first turns the block's scales into f32 (D, M: one per sub-block of
- * 32 for q4_k/q5_k, of 16 for q6_k, one for q4_0), so a chunk costs a load, a few integer ops,
- * a conversion and one fmsub/mul: the same exact values as the block decoders above. */
+ * 32 for q4_k/q5_k, of 16 for q6_k, one for q4_0) and dec_quant_bytes_avx2() a k-quant's quants
+ * into bytes (q4_0's come from q4_0_quants32_avx2 in registers), so a chunk costs a widening, a
+ * conversion and one fmsub/mul: the same exact values as the block decoders above. */
 /* The f16 at p as f32 (F16C: exact, as tide_blk_f16). */
 TIDE_AVX2 TIDE_INLINE float f16_at(const uint8_t *p) {
     uint16_t h;
@@ -153,32 +161,18 @@ TIDE_AVX2 TIDE_INLINE void block_scales_avx2(int32_t type, const uint8_t *b, flo
     }
 }
 
-/* The quant bytes (as bytes, q6_k and q4_0 already signed) of values [w0, w0 + 16) of a block,
- * w0 a multiple of 16 (and of 8 for the low half: dec_quants8 takes the first 8 of them). */
-TIDE_AVX2 TIDE_INLINE __m128i dec_quants16(int32_t type, const uint8_t *b, int w0) {
-    const __m128i m4 = _mm_set1_epi8(15);
-    if (type == TIDE_TYPE_Q4_0) {
-        __m128i qs = _mm_loadu_si128((const __m128i *)(b + 2));
-        return _mm_sub_epi8(_mm_and_si128(w0 ? _mm_srli_epi16(qs, 4) : qs, m4), _mm_set1_epi8(8));
-    }
+/* A k-quant block's 256 quants as bytes, in value order: q4_k / q5_k unsigned
+ * (k_min_quants32_avx2), q6_k as q - 32 (q6_k_quants32_avx2). */
+TIDE_AVX2 TIDE_INLINE void dec_quant_bytes_avx2(int32_t type, const uint8_t *b, uint8_t *out) {
     if (type == TIDE_TYPE_Q6_K) {
-        int n = w0 >> 7, j = w0 & 127, u = j >> 5, part = (j >> 4) & 1;
-        __m128i lo = _mm_loadu_si128((const __m128i *)(b + 64 * n + 32 * (u & 1) + 16 * part));
-        __m128i hi = _mm_loadu_si128((const __m128i *)(b + TIDE_Q6K_OFF_QH + 32 * n + 16 * part));
-        lo = _mm_and_si128(u >= 2 ? _mm_srli_epi16(lo, 4) : lo, m4);
-        hi = _mm_and_si128(_mm_srl_epi16(hi, _mm_cvtsi32_si128(2 * u)), _mm_set1_epi8(3));
-        return _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32));
+        for (int n = 0; n < 2; n++)
+            for (int u = 0; u < 4; u++)
+                _mm256_storeu_si256((__m256i *)(out + 128 * n + 32 * u), q6_k_quants32_avx2(b, n, u));
+    } else {
+        for (int j = 0; j < 8; j++)
+            _mm256_storeu_si256((__m256i *)(out + 32 * j),
+                                k_min_quants32_avx2(b, j, type == TIDE_TYPE_Q5_K));
     }
-    int g = w0 >> 6, h = (w0 >> 5) & 1, part = (w0 >> 4) & 1;
-    int k5 = type == TIDE_TYPE_Q5_K;
-    __m128i v = _mm_loadu_si128((const __m128i *)(b + (k5 ? TIDE_Q5K_OFF_QS : TIDE_Q4K_OFF_QS) + 32 * g + 16 * part));
-    v = _mm_and_si128(h ? _mm_srli_epi16(v, 4) : v, m4);
-    if (k5) {
-        __m128i qh = _mm_loadu_si128((const __m128i *)(b + TIDE_Q5K_OFF_QH + 16 * part));
-        __m128i bit = _mm_and_si128(_mm_srl_epi16(qh, _mm_cvtsi32_si128(2 * g + h)), _mm_set1_epi8(1));
-        v = _mm_or_si128(v, _mm_slli_epi16(bit, 4));
-    }
-    return v;
 }
 
 /* f32 values of 8 quant bytes (the low 8 of q) with the scales of their sub-block. */

@@ -190,28 +190,45 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
     const char *next = row + (size_t)R * rb;
     const size_t next_bytes = stream_prefetch_bytes(type, cols, rb, R, after);
     if (QB) {
-        /* q4_0 / k-quants: per block each row's scales to f32 once, then each 8-value chunk
-         * decoded into a register (blocks.h's exact values) and used for all T tokens; the
-         * canonical 8-lane chunk order; rows are whole blocks, so no tail */
+        /* q4_0 / k-quants: per block each row's scales to f32 once and its k-quants to bytes
+         * (decode_simd.h's 32-quant helpers, 32 at a time with 256-bit byte ops), then each
+         * 8-value chunk widened from those bytes into a register (blocks.h's exact values) and
+         * used for all T tokens; the canonical 8-lane chunk order; rows are whole blocks, so no
+         * tail. Assembling the k-quants 16 at a time per chunk cost q4_k / q5_k / q6_k 14% /
+         * 27% / 15% of a token's speed; q4_0's 32-value blocks stay in registers (10% faster
+         * so than through bytes). */
         const size_t BB = dec_block_bytes(type);
         float D[8][16], M[8][16];
+        _Alignas(32) uint8_t qb[8][256];
         const int64_t nb = cols / QB;
         for (int64_t blk = 0; blk < nb; blk++) {
             const uint8_t *bp[8];
             prefetch_share(next, next_bytes, (size_t)R * rb, nb, blk);
             int ahead = next_bytes ? 0 : 2;   /* not streaming: lines of each row's own blocks */
-            for (int r = 0; r < R; r++)
+            for (int r = 0; r < R; r++) {
                 bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 1, D[r], M[r]);
-            /* row by row: one row's 16 values decoded and used for every token at once, so
+                if (type != TIDE_TYPE_Q4_0)
+                    dec_quant_bytes_avx2(type, bp[r], qb[r]);
+            }
+            /* row by row: one row's 16 values widened and used for every token at once, so
              * only the accumulators and a few temporaries are live (decoding all R rows first,
-             * then the FMAs, kept 8 rows' quants and values at once and spilled most of them);
-             * the x chunks are reloaded per row from L1. Per (row, token) the same chunk order. */
+             * then the FMAs, kept 8 rows' values at once and spilled most of them); the x
+             * chunks are reloaded per row from L1. Per (row, token) the same chunk order. */
             for (int w0 = 0; w0 < QB; w0 += 16) {
                 const int64_t col = blk * QB + w0;
                 for (int r = 0; r < R; r++) {
-                    __m128i q = dec_quants16(type, bp[r], w0);
-                    __m256 lo = dec_values8(type, q, D[r], M[r], w0);
-                    __m256 hi = dec_values8(type, _mm_srli_si128(q, 8), D[r], M[r], w0);
+                    __m128i q0, q1;
+                    if (type == TIDE_TYPE_Q4_0) {   /* 32 values: in registers, as cheap */
+                        __m128i qlo, qhi;
+                        q4_0_quants32_avx2(bp[r], &qlo, &qhi);
+                        q0 = w0 ? qhi : qlo;
+                        q1 = _mm_srli_si128(q0, 8);
+                    } else {
+                        q0 = _mm_loadl_epi64((const __m128i *)(qb[r] + w0));
+                        q1 = _mm_loadl_epi64((const __m128i *)(qb[r] + w0 + 8));
+                    }
+                    __m256 lo = dec_values8(type, q0, D[r], M[r], w0);
+                    __m256 hi = dec_values8(type, q1, D[r], M[r], w0);
                     for (int t = 0; t < T; t++) {
                         acc[r][t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs[t] + col), acc[r][t]);
                         acc[r][t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs[t] + col + 8), acc[r][t]);
@@ -562,16 +579,6 @@ TIDE_AVX512 TIDE_INLINE float hsum16_avx512(__m512 v) {
     return cpu_hsum8_avx2(_mm256_add_ps(lo, hi));
 }
 
-/* f32 values of 16 quant bytes with the scales of their sub-block (decode_simd.h's rule). */
-TIDE_AVX512 TIDE_INLINE __m512 dec_values16(int32_t type, __m128i q, const float *D, const float *M, int w0) {
-    if (type == TIDE_TYPE_Q4_0)
-        return _mm512_mul_ps(_mm512_set1_ps(D[0]), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
-    if (type == TIDE_TYPE_Q6_K)
-        return _mm512_mul_ps(_mm512_set1_ps(D[w0 >> 4]), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
-    return _mm512_fmsub_ps(_mm512_set1_ps(D[w0 >> 5]), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)),
-                           _mm512_set1_ps(M[w0 >> 5]));
-}
-
 /* The scales of a q4_k / q5_k block as f32, interleaved: DM[2j] = d * sc_j, DM[2j + 1] = dmin * m_j
  * (block_scales_avx2's products, so the same bits), by decode_simd.h's KS_* rule on all 16 lanes
  * at once. The scalar unpacking this replaced was a third of a one-token q4_k tile's time (64x2048
@@ -696,7 +703,7 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
              * bits 0-1 of each byte): nibble in bits 0-3, the qh bit in bit 4, the bits above
              * not read. Stored, then each 16-value chunk widened from there (a load and one
              * shuffle, no extracts). A third fewer vector ops than assembling each chunk's index
-             * in 32-bit lanes; the same values as dec_values16. */
+             * in 32-bit lanes; the same values. */
             const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
             const __m512 iota16 = _mm512_add_ps(iota, _mm512_set1_ps(16.0f));
             const __m512i m4 = _mm512_set1_epi8(15);
@@ -798,26 +805,6 @@ TIDE_AVX512 TIDE_INLINE void tile_avx512(int32_t type, const char *row, size_t r
                                     acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
                             }
                         }
-                    }
-                }
-            }
-        } else {
-            float D[4][16], M[4][16];
-            for (int64_t blk = 0; blk < cols / QB; blk++) {
-                const uint8_t *bp[4];
-                prefetch_share(next, next_bytes, (size_t)R * rb, cols / QB, blk);
-                for (int r = 0; r < R; r++) {
-                    bp[r] = tile_block_avx2(type, row, rb, r, blk, BB, ahead, 1, D[r], M[r]);
-                }
-                for (int w0 = 0; w0 < QB; w0 += 16) {
-                    __m512 wv[4];
-                    for (int r = 0; r < R; r++)
-                        wv[r] = dec_values16(type, dec_quants16(type, bp[r], w0), D[r], M[r], w0);
-                    int64_t col = blk * QB + w0;
-                    for (int t = 0; t < T; t++) {
-                        __m512 xv = _mm512_loadu_ps(xs[t] + col);
-                        for (int r = 0; r < R; r++)
-                            acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
                     }
                 }
             }
