@@ -590,10 +590,12 @@ TIDE_AVX512 TIDE_INLINE void k_scales_avx512(const uint8_t *b, float *DM) {
                                           KS_IDX(6, 0), KS_IDX(6, 1), KS_IDX(7, 0), KS_IDX(7, 1));
     const __m512i a = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 4, 0, 4, 0, 4);
     const __m512i ma = _mm512_setr_epi32(63, 63, 63, 63, 63, 63, 63, 63, 15, 15, 15, 15, 15, 15, 15, 15);
-    const __m512i mb = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 48, 48, 48, 48, 48, 48, 48, 48);
     __m512i v = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)b)), idx);
-    __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(v, a), ma),
-                                _mm512_and_si512(_mm512_srli_epi32(v, KS_HI_SHIFT), mb));
+    /* the KS_* rule's (A & ma) | (B & mb) as one bit select, ma ? A : B (0xE4): B = v >> 10 is 0
+     * for j < 4 (the shuffle zeroes bytes 1-3) and at most bits 0-5 for j >= 4, so B & ~ma is
+     * B & mb in every lane */
+    __m512i q = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(v, a), _mm512_srli_epi32(v, KS_HI_SHIFT),
+                                          ma, 0xE4);
     int32_t dd;   /* d and dmin (two f16) in every dword: lane 2j gets d, lane 2j + 1 dmin */
     memcpy(&dd, b, 4);
     __m512 dm = _mm512_cvtph_ps(_mm256_set1_epi32(dd));
