@@ -112,3 +112,17 @@ def test_demo_bench_chat_prompts(capsys):
     head, rows = [c.strip() for c in rows[0]], rows[1:]
     assert len(rows) == 2 and all(r[head.index("same tokens")].strip() == "yes" for r in rows)
     assert all(float(r[head.index("tokens/s")]) > 0 for r in rows)
+
+
+def test_history_probe_counts_and_asks_alone_first():
+    """evaluate.py --history-probe: every sum and difference asked under each kind of earlier
+    turn, and asked alone it scores as the model does on single questions (not a history)."""
+    import evaluate
+    qs = data.held_out_set(40)
+    arith = [q for q in qs if q[2] in ("add", "sub")]
+    with demo_model(device="cpu", policy="cpu") as m:
+        out = evaluate.history_probe(m, qs)
+        alone = sum(evaluate.correct(_ask(m, q), a) for q, a, _ in arith)
+    assert list(out) == ["none", "unit", "arith", "same"]
+    assert all(asked == len(arith) and 0 <= right <= asked for right, asked in out.values())
+    assert out["none"][0] == alone

@@ -6,7 +6,8 @@
 
 Through the engine it then asks the same questions as turns of chats (--chat-turns, default 5):
 each question once at every position, after other held-out questions and the model's own
-answers to them, and reports the accuracy per position.
+answers to them, and reports the accuracy per position. --history-probe asks the sums and
+differences after one earlier turn of each kind (what a later turn's loss comes from).
 
 A question counts as right when the answer holds exactly the numbers of the expected answer
 (the operands or quantity it restates, and the result), in any order and any phrasing. The engine path runs tide_cpp.Model.create_chat_completion,
@@ -199,6 +200,31 @@ def report_chat(rows, turns, verbose=False):
     return accs
 
 
+def history_probe(model, qs, block_length=BLOCK_LENGTH, steps=STEPS):
+    """{kind: (right, asked)}: the addition and subtraction questions of qs asked alone and after
+    one earlier turn whose answer is the expected one: a unit question ("unit"), another sum or
+    difference ("arith"), or the same question ("same", its answer already in the context). Tells
+    whether what a later turn loses comes from the history's content or from having one."""
+    arith = [q for q in qs if q[2] in ("add", "sub")]
+    units = [q for q in qs if q[2] == "unit"]
+    earlier = {"none": lambda i, q: None, "unit": lambda i, q: units[i % len(units)],
+               "arith": lambda i, q: arith[(i + 7) % len(arith)], "same": lambda i, q: q}
+    out = {}
+    for kind, pick in earlier.items():
+        right = 0
+        for i, q in enumerate(arith):
+            h = pick(i, q)
+            messages = [] if h is None else [{"role": "user", "content": h[0]},
+                                             {"role": "assistant", "content": h[1]}]
+            messages.append({"role": "user", "content": q[0]})
+            r = model.create_chat_completion(
+                messages=messages, max_tokens=MAX_TOKENS, block_length=block_length,
+                steps=steps, threshold=THRESHOLD, temperature=0.0)
+            right += correct(r["choices"][0]["message"]["content"], q[1])
+        out[kind] = (right, len(arith))
+    return out
+
+
 # (policy, gpu_experts, prefetch_experts) checked by --policies; budgets are slots per MoE layer.
 POLICY_GRID = [("cpu", None, 0), ("gpu", None, 0), ("static", 4, 0), ("static", 16, 0),
                ("swap", 4, 0), ("swap", 8, 0), ("tide", 2, 0), ("tide", 4, 0), ("tide", 16, 0),
@@ -224,6 +250,9 @@ def main(argv=None):
                     help="then ask the held-out questions as turns 1..N of chats whose earlier "
                     "turns are other held-out questions with the model's own answers, and report "
                     "the accuracy per turn (first policy only; 0: skip)")
+    ap.add_argument("--history-probe", action="store_true",
+                    help="only ask the addition and subtraction questions alone and after one "
+                    "earlier turn (a unit question, another sum, the same question)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every miss")
     args = ap.parse_args(argv)
 
@@ -246,6 +275,12 @@ def main(argv=None):
     import tide_cpp
 
     qs = held_out_set(args.n)
+    if args.history_probe:
+        with tide_cpp.Model(args.model, device=args.device, n_threads=args.threads) as m:
+            for kind, (right, asked) in history_probe(m, qs, args.block_length, args.steps).items():
+                where = "alone" if kind == "none" else f"after one turn ({kind})"
+                print(f"{where:22s} accuracy {right / asked:.1%} ({right}/{asked})")
+        return 0
     questions = [q for q, _, _ in qs]
     grid = POLICY_GRID if args.policies else [(args.policy, args.gpu_experts, 0)]
     first = None
