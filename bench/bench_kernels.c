@@ -32,8 +32,9 @@ static void bench_membw(size_t bytes, int max_threads) {
             return;
         double best, cbest;
         membw_time(pool, buf, bytes, 5, &best, &cbest);
-        printf("read bandwidth  %d thread%s  %7.1f GB/s | cpu-time: %6.1f GB/s  (%.0f MiB buffer, best of 5)\n",
-               nt, nt > 1 ? "s" : " ", bytes / best / 1e9, bytes / cbest / 1e9, bytes / 1048576.0);
+        printf("read bandwidth  %d thread%s  %7.1f GB/s | cpu-time: %6.1f GB/s  (%.0f MiB buffer, %ld MiB on huge "
+               "pages, best of 5)\n", nt, nt > 1 ? "s" : " ", bytes / best / 1e9, bytes / cbest / 1e9,
+               bytes / 1048576.0, bench_huge_mib());
         tide_pool_free(pool);
         if (nt == max_threads)
             break;
@@ -72,7 +73,7 @@ static void bench_matmul(tide_pool *pool, const char *label, int32_t type, int64
                          int64_t cols, int count, const int *ns, int n_ns, double min_seconds) {
     size_t rb = tide_row_bytes(type, cols), mb = rb * (size_t)rows;
     tide_matrix *ms = calloc((size_t)count, sizeof *ms);
-    char *data = malloc(mb * (size_t)count);
+    char *data = bench_alloc(mb * (size_t)count);
     if (!ms || !data) {
         printf("%s %s: no memory\n", label, tname(type));
         free(ms);

@@ -25,8 +25,9 @@ static double membw(tide_pool *pool, size_t bytes) {
     if (!buf) return 0;
     double best, cbest;
     membw_time(pool, buf, bytes, 7, &best, &cbest);
+    printf("read bandwidth: %.1f GB/s wall, %.1f GB/s cpu-time (%ld of %zu MiB on huge pages)\n",
+           bytes / best / 1e9, bytes / cbest / 1e9, bench_huge_mib(), bytes >> 20);
     free(buf);
-    printf("read bandwidth: %.1f GB/s wall, %.1f GB/s cpu-time\n", bytes / best / 1e9, bytes / cbest / 1e9);
     return bytes / best / 1e9;
 }
 
@@ -117,7 +118,7 @@ static void bench(tide_pool *pool, const char *label, int32_t type, int64_t rows
                   size_t set, int n, double bw) {
     size_t mb = tide_row_bytes(type, cols) * (size_t)rows;
     int count = (int)(set / mb) + 1;
-    char *data = malloc(mb * (size_t)count);
+    char *data = bench_alloc(mb * (size_t)count);
     float *x = activations((int64_t)n * cols), *y = malloc(sizeof(float) * (size_t)(n * rows));
     if (!data || !y) { printf("no memory\n"); exit(1); }
     uint64_t s = 88172645463325252ull;
@@ -171,7 +172,7 @@ static void bench_layer(tide_pool *pool, int32_t type, size_t set, double bw) {
     size_t lb = L_USED * (2 * gb + db); /* one call's weights */
     int count = (int)(set / lb) + 1;
     size_t n_exp = (size_t)L_USED * (size_t)count;
-    char *data = malloc((2 * gb + db) * n_exp);
+    char *data = bench_alloc((2 * gb + db) * n_exp);
     int32_t *pick = malloc(sizeof(int32_t) * n_exp);
     float *x = activations(L_DIM), *out = malloc(sizeof(float) * L_USED * L_DIM);
     if (!data || !pick || !out) { printf("no memory\n"); exit(1); }
