@@ -645,9 +645,10 @@ tide_status gguf_open(const char *path, gguf_file **out, char *err, size_t err_l
                          (ull)size, strerror(e));
 #ifdef MADV_HUGEPAGE
     /* The weights are read once a step from DRAM, and on 2 MiB pages those reads take fewer TLB
-     * misses (bench_common.h: the read bandwidth 25-29 -> 31-32 GB/s on this project's machine).
-     * Linux with large page-cache folios (6.x, ext4 / xfs) then reads the file in 2 MiB pieces
-     * and maps them whole. Only a hint: where the kernel declines, nothing changes. */
+     * misses: one-token forwards' expert reads 16.0-16.6 -> 18.9-20.1 GB/s in q4_k_m on this
+     * project's machine (bench/results/bench_onerow_cpu_2core.txt). Linux with large page-cache
+     * folios (6.x, ext4 / xfs) then reads the file in 2 MiB pieces and maps them whole. Only a
+     * hint: where the kernel declines, nothing changes. */
     madvise(map, (size_t)size, MADV_HUGEPAGE);
 #endif
     tide_status st = gguf_open_memory(map, (size_t)size, out, err, err_len);
