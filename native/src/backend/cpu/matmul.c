@@ -218,7 +218,9 @@ TIDE_AVX2 TIDE_INLINE void tile_avx2(int32_t type, const char *row, size_t rb, i
                 const int64_t col = blk * QB + w0;
                 for (int r = 0; r < R; r++) {
                     __m128i q0, q1;
-                    if (type == TIDE_TYPE_Q4_0) {   /* 32 values: in registers, as cheap */
+                    if (type == TIDE_TYPE_Q4_0) {
+                        /* 32 values, in registers (the half not taken is dead code once this
+                         * two-chunk loop is unrolled); 8 rows' halves held across it would spill */
                         __m128i qlo, qhi;
                         q4_0_quants32_avx2(bp[r], &qlo, &qhi);
                         q0 = w0 ? qhi : qlo;
