@@ -16,9 +16,12 @@
  * Row-deterministic: each output is its row's and its token's dot in one fixed order (chunks of
  * 32 columns, the six products in a fixed order), whatever the batch, the rows beside it or the
  * threads. Every weight type goes through it, decoded to f32 first, so a quantized matrix still
- * equals the f32 matrix of its dequantized values bit for bit. The tile unit treats subnormal
- * bf16 inputs as zero and flushes subnormal sums (parts below 2^-126); an inf weight or
- * activation gives NaN (inf - inf in the split).
+ * equals the f32 matrix of its dequantized values bit for bit. bf16 takes a shortcut that keeps
+ * this: its value is its own first part and the other two are zeros, so whole panels of whole
+ * chunks load their A tiles from the weights as stored and sum only the three products of the
+ * first part (matmul_amx_thread): no decode, no split, half the tile work. The tile unit treats
+ * subnormal bf16 inputs as zero and flushes subnormal sums (parts below 2^-126); an inf weight
+ * or activation gives NaN (inf - inf in the split; an inf bf16 weight, not split, inf or NaN).
  *
  * Layout: A = a panel of 16 weight rows (the three part planes, row-major bf16), B = 16 tokens'
  * activations in the tile unit's pair layout (B[p][t] = the parts of x[t][2p], x[t][2p + 1]),
@@ -218,6 +221,18 @@ TIDE_AMX_FN static void store_c(const amx_job *j, float *cbuf, int64_t r0, int64
         _tile_dpbf16ps(C, 2, 5);                                                                  \
     } while (0)
 
+/* The same chunk for a bf16 panel (A tile 2 its rows as stored): its second and third parts are
+ * zeros, so of the six products only w1 x3, w1 x2, w1 x1 are not, and they go in the same order. */
+#define AMX_CHUNK_BF16(C)                                                                         \
+    do {                                                                                          \
+        _tile_loadd(5, b_tile(j, g, kc, 0), 64);                                                  \
+        _tile_loadd(6, b_tile(j, g, kc, 1), 64);                                                  \
+        _tile_loadd(7, b_tile(j, g, kc, 2), 64);                                                  \
+        _tile_dpbf16ps(C, 2, 7);                                                                  \
+        _tile_dpbf16ps(C, 2, 6);                                                                  \
+        _tile_dpbf16ps(C, 2, 5);                                                                  \
+    } while (0)
+
 /* The thread's panels of 16 rows: each decoded and split, then its products with every token
  * group, two groups at a time. (Decoding the next panel a row at a time between this one's
  * products gained nothing: the tile unit's products and the vector ops hardly overlap here.) */
@@ -244,19 +259,34 @@ TIDE_AMX_FN static void matmul_amx_thread(void *p, int ith, int nth) {
     }
     _tile_loadconfig(&cfg);
     const size_t stride = (size_t)j->ps * 2;
+    /* bf16 panels as stored (top of file): rows of whole chunks, so a tile reads nothing past a
+     * row's end; adding a zero product leaves a (never subnormal) sum as it was, so skipping the
+     * zero parts' products gives the six-product chunk's bits. */
+    const int bf16_rows = j->w->type == TIDE_TYPE_BF16 && j->w->cols == j->kpad;
     for (int64_t pb = b0; pb < b1; pb++) {
         int64_t r0 = pb * AMX_ROWS, nr = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
-        for (int64_t r = 0; r < AMX_ROWS; r++)
+        const int as_stored = bf16_rows && nr == AMX_ROWS;
+        const char *wa = (const char *)j->w->data + (size_t)r0 * j->rb;
+        for (int64_t r = 0; r < AMX_ROWS && !as_stored; r++)
             build_a_row(j, r0, nr, r, row, planes);
         for (int64_t g0 = 0; g0 < j->groups; g0 += 2) {
             int two = g0 + 1 < j->groups;
             _tile_zero(0);
             _tile_zero(1);
             for (int64_t kc = 0; kc < nkc; kc++) {
+                int64_t g = g0;
+                if (as_stored) {
+                    _tile_loadd(2, wa + kc * AMX_COLS * 2, j->rb);
+                    AMX_CHUNK_BF16(0);
+                    if (two) {
+                        g = g0 + 1;
+                        AMX_CHUNK_BF16(1);
+                    }
+                    continue;
+                }
                 _tile_loadd(2, a0 + kc * AMX_COLS, stride);
                 _tile_loadd(3, a1 + kc * AMX_COLS, stride);
                 _tile_loadd(4, a2 + kc * AMX_COLS, stride);
-                int64_t g = g0;
                 AMX_CHUNK(0);
                 if (two) {
                     g = g0 + 1;
