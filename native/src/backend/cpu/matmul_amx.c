@@ -207,28 +207,21 @@ TIDE_AMX_FN static void store_c(const amx_job *j, float *cbuf, int64_t r0, int64
 }
 
 /* One chunk of 32 columns of the six part products into C tile `C` from B tiles of group g. A
- * macro: tile numbers are immediates. Smallest products first. */
-#define AMX_CHUNK(C)                                                                              \
+ * macro: tile numbers are immediates. Smallest products first. SPLIT 0: a bf16 panel as stored
+ * (A tile 2 only), whose second and third parts are zeros: the three products that are not,
+ * in the same order. */
+#define AMX_CHUNK(C, SPLIT)                                                                       \
     do {                                                                                          \
         _tile_loadd(5, b_tile(j, g, kc, 0), 64);                                                  \
         _tile_loadd(6, b_tile(j, g, kc, 1), 64);                                                  \
         _tile_loadd(7, b_tile(j, g, kc, 2), 64);                                                  \
-        _tile_dpbf16ps(C, 4, 5);                                                                  \
-        _tile_dpbf16ps(C, 3, 6);                                                                  \
+        if (SPLIT) {                                                                              \
+            _tile_dpbf16ps(C, 4, 5);                                                              \
+            _tile_dpbf16ps(C, 3, 6);                                                              \
+        }                                                                                         \
         _tile_dpbf16ps(C, 2, 7);                                                                  \
-        _tile_dpbf16ps(C, 3, 5);                                                                  \
-        _tile_dpbf16ps(C, 2, 6);                                                                  \
-        _tile_dpbf16ps(C, 2, 5);                                                                  \
-    } while (0)
-
-/* The same chunk for a bf16 panel (A tile 2 its rows as stored): its second and third parts are
- * zeros, so of the six products only w1 x3, w1 x2, w1 x1 are not, and they go in the same order. */
-#define AMX_CHUNK_BF16(C)                                                                         \
-    do {                                                                                          \
-        _tile_loadd(5, b_tile(j, g, kc, 0), 64);                                                  \
-        _tile_loadd(6, b_tile(j, g, kc, 1), 64);                                                  \
-        _tile_loadd(7, b_tile(j, g, kc, 2), 64);                                                  \
-        _tile_dpbf16ps(C, 2, 7);                                                                  \
+        if (SPLIT)                                                                                \
+            _tile_dpbf16ps(C, 3, 5);                                                              \
         _tile_dpbf16ps(C, 2, 6);                                                                  \
         _tile_dpbf16ps(C, 2, 5);                                                                  \
     } while (0)
@@ -274,23 +267,18 @@ TIDE_AMX_FN static void matmul_amx_thread(void *p, int ith, int nth) {
             _tile_zero(0);
             _tile_zero(1);
             for (int64_t kc = 0; kc < nkc; kc++) {
-                int64_t g = g0;
                 if (as_stored) {
                     _tile_loadd(2, wa + kc * AMX_COLS * 2, j->rb);
-                    AMX_CHUNK_BF16(0);
-                    if (two) {
-                        g = g0 + 1;
-                        AMX_CHUNK_BF16(1);
-                    }
-                    continue;
+                } else {
+                    _tile_loadd(2, a0 + kc * AMX_COLS, stride);
+                    _tile_loadd(3, a1 + kc * AMX_COLS, stride);
+                    _tile_loadd(4, a2 + kc * AMX_COLS, stride);
                 }
-                _tile_loadd(2, a0 + kc * AMX_COLS, stride);
-                _tile_loadd(3, a1 + kc * AMX_COLS, stride);
-                _tile_loadd(4, a2 + kc * AMX_COLS, stride);
-                AMX_CHUNK(0);
+                int64_t g = g0;
+                AMX_CHUNK(0, !as_stored);
                 if (two) {
                     g = g0 + 1;
-                    AMX_CHUNK(1);
+                    AMX_CHUNK(1, !as_stored);
                 }
             }
             _tile_stored(0, cbuf, AMX_TOK * sizeof(float));
