@@ -115,6 +115,9 @@ def llama_side(path, threads, forwards, reps, vocab):
 def run_llama(args, vocab):
     """llama_side in $LLAMA_PYTHON: seconds per one-token forward."""
     py = os.environ.get("LLAMA_PYTHON", "/work/llama-venv/bin/python")
+    if not os.path.exists(py):
+        sys.exit(f"llama.cpp side: no interpreter {py} "
+                 "(set $LLAMA_PYTHON to one with llama-cpp-python)")
     r = subprocess.run([py, os.path.abspath(__file__), args.llama, "--llama-side", "--vocab",
                         str(vocab), "--forwards", str(args.forwards), "--reps", str(args.reps),
                         "--threads", str(args.threads or 2)], capture_output=True, text=True)
