@@ -69,7 +69,7 @@ def pages(path):
 
 
 def token(i, rep, vocab):
-    """The i-th token of repetition rep: the same ids on both engines, spread over the vocabulary."""
+    """The i-th token of repetition rep: the same ids on both engines, spread over the vocab."""
     return (i * 7919 + rep * 131) % (vocab - 1) + 1
 
 
