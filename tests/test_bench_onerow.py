@@ -5,6 +5,8 @@ import importlib.util
 import os
 import re
 
+import pytest
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
@@ -36,12 +38,8 @@ def test_whole_forward_line_splits_the_engine_time(capsys):
     assert 0 < sum(parts) <= whole and "llama.cpp" not in out.splitlines()[-1]
 
 
-def test_llama_side_needs_its_interpreter(monkeypatch, capsys):
+def test_llama_side_needs_its_interpreter(monkeypatch):
     monkeypatch.setenv("LLAMA_PYTHON", "/nonexistent/python")
     demo = os.path.join(ROOT, "models", "tide-demo.gguf")
-    try:
+    with pytest.raises(SystemExit, match="no interpreter /nonexistent/python"):
         _bench().main([demo, "--forwards", "2", "--reps", "1", "--threads", "1", "--llama", demo])
-    except SystemExit as e:
-        assert "no interpreter /nonexistent/python" in str(e)
-    else:
-        raise AssertionError("no error without llama.cpp's interpreter")

@@ -252,9 +252,8 @@ TIDE_AMX_FN static void matmul_amx_thread(void *p, int ith, int nth) {
     }
     _tile_loadconfig(&cfg);
     const size_t stride = (size_t)j->ps * 2;
-    /* bf16 panels as stored (top of file): rows of whole chunks, so a tile reads nothing past a
-     * row's end; adding a zero product leaves a (never subnormal) sum as it was, so skipping the
-     * zero parts' products gives the six-product chunk's bits. */
+    /* bf16 panels as stored (top of file): only rows of whole chunks, so a tile reads nothing
+     * past a row's end. */
     const int bf16_rows = j->w->type == TIDE_TYPE_BF16 && j->w->cols == j->kpad;
     for (int64_t pb = b0; pb < b1; pb++) {
         int64_t r0 = pb * AMX_ROWS, nr = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
