@@ -1,6 +1,6 @@
 """Train the demo model: LLaDA2.0's architecture, LLaDA2.0's masked block-diffusion objective.
 
-    python models/demo/train.py --fresh                   # the recipe: one run, < 1 h, 2 cores
+    python models/demo/train.py --fresh                   # the recipe: one run, < 1 h, 1 core
     python models/demo/train.py                           # resume from work/state.pt
     python models/demo/train.py --export-only             # write the HF checkpoint from state
     python -m tide_cpp.convert models/demo/work/hf -o models/tide-demo.gguf --outtype bf16
@@ -142,8 +142,9 @@ class Batcher:
     def batch_size(self, turns):
         """Sequences in a batch whose chats have `turns` earlier turns. A turn adds about half a
         single question's tokens, so chats of k turns get chat_bs * 3 / (k + 2) sequences: a
-        step costs about the same whatever k is (0.28-0.31 s on 2 cores, k = 0..4). Learning
-        every answer, a turn also adds a noised block: chat_bs * 3 / (2 k + 1) chats."""
+        step costs about the same whatever k is (0.28-0.31 s on two cores of the AMD machine of
+        models/demo/README.md, k = 0..4). Learning every answer, a turn also adds a noised block:
+        chat_bs * 3 / (2 k + 1) chats."""
         if turns == 0:
             return self.bs
         if self.learn == "every":      # ~33 + 63 k tokens a chat at block 32
@@ -297,14 +298,17 @@ def _weights(ap, option, text, count=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=11000)
+    ap.add_argument("--steps", type=int, default=16000)
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--bias-rate", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads. Part of the recipe: 1 and 2 threads sum in other orders "
+                    "and give other weights (the shipped model came from 1; 2 are faster on a "
+                    "quiet machine and give a model of the same recipe, not its bits)")
     ap.add_argument("--save-every", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=2000)
     ap.add_argument("--eval-n", type=int, default=100)
