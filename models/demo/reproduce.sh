@@ -1,8 +1,8 @@
 #!/bin/sh
 # Rebuild models/tide-demo.gguf from nothing, exactly as it was built (models/demo/README.md):
 # one seeded training run with train.py's defaults (16000 steps on one thread; 48 min on the
-# 2-core Sapphire Rapids machine, the same bits), then the project's converter. The work folder (git-ignored) keeps state.pt,
-# train_log.json and the HF checkpoint hf/.
+# 2-core Sapphire Rapids machine, the same bits), then the project's converter. The work folder
+# (git-ignored) keeps state.pt, train_log.json and the HF checkpoint hf/.
 set -e
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
