@@ -48,7 +48,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 # the step on a quiet two-core machine (2 threads: 0.24 -> 0.12 s, 150 steps), while the default
 # long spin burns the time slice a partner thread needs when the machine is busy. With one other
 # busy process sleeping at once is the faster (0.23 s against 0.47 with the short spin): set
-# GOMP_SPINCOUNT=0 there. Only the waiting changes, not the arithmetic.
+# GOMP_SPINCOUNT=0 there. Only the waiting changes, not the arithmetic; with one thread (the
+# recipe's default) nothing waits, so this is for --threads 2.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import torch  # noqa: E402
@@ -306,9 +307,8 @@ def main(argv=None):
     ap.add_argument("--bias-rate", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads. Part of the recipe: 1 and 2 threads sum in other orders "
-                    "and give other weights (the shipped model came from 1; 2 are faster on a "
-                    "quiet machine and give a model of the same recipe, not its bits)")
+                    help="torch threads; part of the recipe, since 2 threads sum in another order "
+                    "and give other weights (models/demo/README.md)")
     ap.add_argument("--save-every", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=2000)
     ap.add_argument("--eval-n", type=int, default=100)
